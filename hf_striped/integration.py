@@ -1,0 +1,139 @@
+"""Registration of ``attn_implementation="striped_ring"`` with Transformers.
+
+Two entries, both registered through Transformers' public interfaces (never by rebinding its
+functions): the attention function and the mask function. Without the mask entry Transformers
+would skip mask creation for an unknown implementation and silently drop padding.
+
+Outside :func:`hf_striped.context_parallel` both delegate to the ``sdpa`` entries, so a model
+loaded with ``striped_ring`` behaves exactly like ``sdpa`` (padding, generation with a cache).
+Inside it, attention runs as ring attention over the context's group, and features the ring
+does not implement raise ``NotImplementedError`` naming the feature.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .context import active_context
+from .ring import ring_attention
+
+ATTN_IMPLEMENTATION = "striped_ring"
+
+
+def _refuse(feature: str, how: str) -> None:
+    raise NotImplementedError(
+        f"striped_ring attention under hf_striped.context_parallel does not support {feature} yet. {how}"
+    )
+
+
+def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_size) -> None:
+    if dropout and dropout > 0:
+        _refuse(
+            f"attention dropout (p={dropout})",
+            "Set model.config.attention_dropout = 0.0 (or call model.eval()) before training with context parallelism.",
+        )
+    if kwargs.get("output_attentions"):
+        _refuse("output_attentions", "The full attention matrix is never formed on one rank; drop output_attentions=True.")
+    if kwargs.get("softcap") is not None:
+        _refuse("attention logit soft-capping (softcap)", "Run this model without context parallelism.")
+    if kwargs.get("s_aux") is not None:
+        _refuse("attention sinks (s_aux)", "Run this model without context parallelism.")
+    if kwargs.get("position_bias") is not None:
+        _refuse("additive position bias", "Run this model without context parallelism.")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        _refuse("non-causal (bidirectional) attention", "striped_ring is for causal language models.")
+    n = query.shape[2] * world_size
+    window = kwargs.get("sliding_window")
+    if window is not None and window < n:
+        _refuse(
+            f"a sliding window ({window} tokens) shorter than the sequence ({n} tokens)",
+            "Use sequences no longer than the window, or run this model without context parallelism.",
+        )
+    if key.shape[2] != query.shape[2]:
+        _refuse(
+            "a KV cache (generation or cached prefixes)",
+            "Generate outside the context_parallel block, where striped_ring behaves like sdpa; "
+            "inside it pass use_cache=False.",
+        )
+    if attention_mask is not None:
+        _refuse(
+            "custom attention masks",
+            "Pass no attention_mask (right padding needs none under causal attention: mask pads "
+            "out of the loss with label -100).",
+        )
+
+
+def striped_ring_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Transformers attention function. ``query`` ``[b, heads, s, d]``, ``key``/``value``
+    ``[b, kv_heads, s, d]`` (not repeated for GQA); returns ``([b, s, heads, d], None)``."""
+    state = active_context()
+    if state is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
+    state.check_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
+    out = ring_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        group=state.group,
+        layout=state.layout,
+        causal=True,
+        softmax_scale=scaling,
+        backend=state.backend,
+    )
+    return out, None
+
+
+def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Transformers mask function: ``sdpa``'s outside a context; inside one, no mask at all.
+
+    Inside the context the ring derives causality from the layout, and the strided global
+    positions each rank holds must not be mistaken for packed documents (Transformers would
+    otherwise build a document mask from them). Padding masks cannot be honoured there, so a
+    2-D mask that hides any token is refused.
+    """
+    state = active_context()
+    if state is None:
+        return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "an attention_mask that hides tokens cannot be honoured inside hf_striped.context_parallel. "
+            "Use right padding and no attention_mask: under causal attention real tokens never see "
+            "padding to their right, and labels of -100 keep the pads out of the loss."
+        )
+    return None
+
+
+def register() -> None:
+    """Register ``"striped_ring"`` with Transformers' attention and mask interfaces.
+
+    Idempotent. Refuses to replace a different ``"striped_ring"`` that someone else registered.
+    """
+    for interface, fn in (
+        (AttentionInterface, striped_ring_attention_forward),
+        (AttentionMaskInterface, striped_ring_mask),
+    ):
+        existing = interface._global_mapping.get(ATTN_IMPLEMENTATION)
+        if existing is fn:
+            continue
+        if existing is not None and not getattr(existing, "__module__", "").startswith("hf_striped"):
+            raise RuntimeError(
+                f"{interface.__name__} already has a {ATTN_IMPLEMENTATION!r} entry from "
+                f"{existing.__module__}; hf_striped will not overwrite it"
+            )
+        interface.register(ATTN_IMPLEMENTATION, fn)

@@ -1,0 +1,38 @@
+"""Exact merge of partial attention results by their log-sum-exp.
+
+For a row that has seen key sets A and B with (o_A, lse_A), (o_B, lse_B):
+``lse = logaddexp(lse_A, lse_B)`` and ``o = o_A * exp(lse_A - lse) + o_B * exp(lse_B - lse)``.
+Written max-shifted so no exponent is positive (no overflow), and rows a block does not touch
+(``lse_B = -inf``) keep their values bit for bit, with no NaN even when both sides are empty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold one block into the running result, in place.
+
+    Args:
+        out: running output ``[b, s, h, d]``, float32 (or float64), updated in place.
+        lse: running log-sum-exp ``[b, h, s]``, same dtype as ``out``, updated in place;
+            ``-inf`` for rows that have seen no key yet.
+        block_out: the block's output ``[b, s, h, d]`` in any float dtype.
+        block_lse: the block's log-sum-exp ``[b, h, s]``; ``-inf`` where the block saw no key.
+    """
+    block_lse = block_lse.to(lse.dtype)
+    new_max = torch.maximum(lse, block_lse)
+    # A row with both sides empty has max -inf; shift by 0 there so exp(-inf - 0) = 0, not NaN.
+    shift = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
+    w_old = torch.exp(lse - shift)  # in [0, 1]
+    w_new = torch.exp(block_lse - shift)  # in [0, 1]; one of the two is 1 unless both are empty
+    total = w_old + w_new
+    touched = w_new > 0
+    # Normalised weights, laid out like `out` ([b, s, h, 1]).
+    denom = torch.where(touched, total, torch.ones_like(total))
+    a = (w_old / denom).transpose(1, 2).unsqueeze(-1)
+    b = (w_new / denom).transpose(1, 2).unsqueeze(-1)
+    merged = out * a + block_out.to(out.dtype) * b
+    out.copy_(torch.where(touched.transpose(1, 2).unsqueeze(-1), merged, out))
+    lse.copy_(torch.where(touched, shift + torch.log(total), lse))

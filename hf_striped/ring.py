@@ -1,0 +1,220 @@
+"""Ring attention as differentiable functions: block kernel -> ``torch.autograd.Function`` ->
+public function (the three layers flash-attention uses)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .kernels import select_kernel
+from .layout import check_layout
+from .schedule import backward_schedule, forward_schedule
+from .transport import CommStats, run_dist, run_inprocess
+
+
+def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """``(rank, size)`` of this process in ``group``; ``(0, 1)`` for ``None``."""
+    if group is None:
+        return 0, 1
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "a process group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) first (or pass group=None for one process)"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be [batch, seq_local, heads, head_dim]; got a {t.dim()}-d tensor of shape "
+                f"{tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, seq_local and head_dim"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}) (GQA)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def _run(gen, group):
+    if group is None or dist.get_world_size(group) == 1:
+        return run_inprocess([gen])[0]
+    return run_dist(gen, group)
+
+
+class _RingAttention(torch.autograd.Function):
+    """One rank's ring attention over a ``torch.distributed`` group (or alone for ``None``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, layout, causal, scale, kernel):
+        rank, world = group_rank_size(group)
+        k, v = k.contiguous(), v.contiguous()
+        gen = forward_schedule(
+            q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel
+        )
+        out, lse = _run(gen, group)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, rank, world, layout, causal, scale, kernel)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, rank, world, layout, causal, scale, kernel = ctx.args
+        gen = backward_schedule(
+            dout, q, k, v, out, lse,
+            rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
+        )
+        dq, dk, dv = _run(gen, group)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class _InProcessRingAttention(torch.autograd.Function):
+    """P virtual ranks' ring attention in this process. Inputs are ``*qs, *ks, *vs``."""
+
+    @staticmethod
+    def forward(ctx, meta, *tensors):
+        world, layout, causal, scale, kernel, stats = meta
+        qs, ks, vs = tensors[:world], tensors[world : 2 * world], tensors[2 * world :]
+        gens = [
+            forward_schedule(
+                qs[r], ks[r], vs[r], rank=r, world_size=world, layout=layout, causal=causal, scale=scale,
+                kernel=kernel,
+            )
+            for r in range(world)
+        ]
+        results = run_inprocess(gens, stats)
+        outs = [o for o, _ in results]
+        lses = [lse for _, lse in results]
+        ctx.save_for_backward(*tensors, *outs, *lses)
+        ctx.meta = meta
+        ctx.mark_non_differentiable(*lses)
+        return (*outs, *lses)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        world, layout, causal, scale, kernel, stats = ctx.meta
+        saved = ctx.saved_tensors
+        qs, ks, vs = saved[:world], saved[world : 2 * world], saved[2 * world : 3 * world]
+        outs, lses = saved[3 * world : 4 * world], saved[4 * world :]
+        douts = grads[:world]
+        gens = [
+            backward_schedule(
+                douts[r] if douts[r] is not None else torch.zeros_like(outs[r]),
+                qs[r], ks[r], vs[r], outs[r], lses[r],
+                rank=r, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
+            )
+            for r in range(world)
+        ]
+        results = run_inprocess(gens, stats)
+        dqs = [g[0] for g in results]
+        dks = [g[1] for g in results]
+        dvs = [g[2] for g in results]
+        return (None, *dqs, *dks, *dvs)
+
+
+def _prepare(q, k, v, layout, softmax_scale, backend):
+    check_layout(layout)
+    _check_qkv(q, k, v)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return scale, select_kernel(backend, q, k, v)
+
+
+def ring_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "striped",
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ring_attention` that also returns the float32 log-sum-exp ``[batch, heads, seq_local]``
+    of every local query row (not differentiable)."""
+    scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend)
+    return _RingAttention.apply(q, k, v, group, layout, causal, scale, kernel)
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "striped",
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: this rank's queries ``[batch, seq_local, heads, head_dim]``.
+        k, v: this rank's keys/values ``[batch, seq_local, kv_heads, head_dim]``; ``kv_heads``
+            may divide ``heads`` (grouped-query attention). They rotate around the ring
+            un-repeated.
+        group: the context-parallel process group. ``None`` or a group of size 1 means
+            ordinary attention on this process.
+        layout: how the sequence was split (see :func:`hf_striped.shard`): ``"striped"``,
+            ``"contiguous"`` or ``"zigzag"``. It must match how q/k/v were sharded.
+        causal: causal attention over *global* positions (the layout decides what that means
+            locally); ``False`` attends to every token.
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        backend: block kernel, ``"auto"`` or a name from ``hf_striped.kernels.BACKENDS``.
+
+    Returns:
+        The attention output shaped like ``q``, in ``q.dtype``, differentiable in q, k, v.
+    """
+    return ring_attention_with_lse(
+        q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale, backend=backend
+    )[0]
+
+
+def ring_attention_inprocess(
+    qs: list[torch.Tensor],
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    *,
+    layout: str = "striped",
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    stats: list[CommStats] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run the same ring schedule for ``len(qs)`` virtual ranks in this process.
+
+    ``qs[r]``/``ks[r]``/``vs[r]`` are rank r's shards (see :func:`hf_striped.layout.shard_local`).
+    Returns ``(outs, lses)``, per rank; outputs are differentiable. ``stats``, if given (one
+    :class:`CommStats` per rank), records every message each rank sends.
+    """
+    world = len(qs)
+    if not world or len(ks) != world or len(vs) != world:
+        raise ValueError("qs, ks and vs must be non-empty lists of the same length (one entry per rank)")
+    scale, kernel = _prepare(qs[0], ks[0], vs[0], layout, softmax_scale, backend)
+    for q, k, v in zip(qs, ks, vs):
+        _check_qkv(q, k, v)
+        if q.shape != qs[0].shape or k.shape != ks[0].shape:
+            raise ValueError("every virtual rank must hold shards of the same shape")
+    ks = [k.contiguous() for k in ks]
+    vs = [v.contiguous() for v in vs]
+    res = _InProcessRingAttention.apply((world, layout, causal, scale, kernel, stats), *qs, *ks, *vs)
+    return list(res[:world]), list(res[world:])

@@ -1,0 +1,56 @@
+"""Split full-length tensors into this rank's part and put parts back in natural order."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .layout import check_layout, shard_local, unshard_local
+from .ring import group_rank_size
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along a new leading dim, hand-written so its gradient is known to be exact
+    (DESIGN.md section 6): the gradient of our part is the sum, over ranks, of what each rank's
+    copy of the result sent back to it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        world = dist.get_world_size(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def shard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None, layout: str = "striped") -> torch.Tensor:
+    """This rank's part of the full-length tensor ``x`` along ``dim``.
+
+    For ``"striped"`` and ``"contiguous"`` the result is a view of ``x``. The length along
+    ``dim`` must be a multiple of P (2P for ``"zigzag"``); otherwise a ``ValueError`` says what
+    length to pad to.
+    """
+    rank, world = group_rank_size(group)
+    return shard_local(x, dim, layout, rank, world)
+
+
+def unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None, layout: str = "striped") -> torch.Tensor:
+    """The full tensor in natural order, on every rank, from each rank's part ``x``.
+
+    Differentiable: the gradient flowing into the result on every rank is summed back onto
+    the parts it came from.
+    """
+    check_layout(layout)
+    rank, world = group_rank_size(group)
+    if world == 1:
+        return x
+    dim = dim % x.dim()
+    gathered = _AllGather.apply(x, group)
+    return unshard_local(list(gathered.unbind(0)), dim, layout)

@@ -1,0 +1,75 @@
+"""Plain PyTorch attention (any dtype, float64 included) for tests and for shapes no fused
+kernel takes. Slow and memory-hungry (it materialises the score matrix); exact by construction."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import expand_kv, gqa_groups, reduce_kv_grad
+
+
+def _scores(q, k, causal: bool, scale: float, acc_dtype) -> torch.Tensor:
+    """Masked, scaled scores ``[b, h, sq, sk]`` in ``acc_dtype``."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc_dtype), k.to(acc_dtype)) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(s - lse)`` with rows that see no key (lse = -inf) giving zeros, not NaN."""
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(s - lse_safe[..., None])
+
+
+class ReferenceKernel:
+    """Math attention accumulating in float32 (float64 for float64 inputs)."""
+
+    name = "reference"
+
+    def unsupported_reason(self, q, k, v):
+        return None
+
+    def forward(self, q, k, v, causal, scale):
+        g = gqa_groups(q, k)
+        k, v = expand_kv(k, g), expand_kv(v, g)
+        acc = _acc_dtype(q.dtype)
+        s = _scores(q, k, causal, scale, acc)
+        lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
+        p = _probs(s, lse)
+        out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
+        return out.to(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        g = gqa_groups(q, k)
+        ke, ve = expand_kv(k, g), expand_kv(v, g)
+        acc = _acc_dtype(q.dtype)
+        s = _scores(q, ke, causal, scale, acc)
+        p = _probs(s, lse.to(acc))
+        do = dout.to(acc)
+        dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+        dp = torch.einsum("bqhd,bkhd->bhqk", do, ve.to(acc))
+        delta = (do * out.to(acc)).sum(-1).transpose(1, 2)  # [b, h, sq]
+        ds = p * (dp - delta[..., None])
+        dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke.to(acc)) * scale
+        dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc)) * scale
+        return dq, reduce_kv_grad(dk, g), reduce_kv_grad(dv, g)
+
+
+def plain_attention(q, k, v, causal: bool = True, scale: float | None = None):
+    """Differentiable attention computed entirely in the input dtype (no upcast), returning
+    ``(out, lse)``. This is the "same-dtype plain PyTorch" baseline of the exactness rule."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    g = gqa_groups(q, k)
+    k, v = expand_kv(k, g), expand_kv(v, g)
+    s = _scores(q, k, causal, scale, q.dtype)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return out, lse
