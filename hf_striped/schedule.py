@@ -24,6 +24,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _accumulate(total, part, rows: slice, shape, dtype):
+    """``total[:, rows] += part``, starting from ``part`` itself (no zero-filled buffer) when
+    it covers every row; ``total`` is ``None`` before the first block of a step."""
+    if total is None:
+        if part.shape[1] == shape[1]:
+            return part.to(dtype)  # the kernel's fresh output (or its float32 copy): ours to modify
+        total = torch.zeros(shape, dtype=dtype, device=part.device)
+    total[:, rows] += part
+    return total
+
+
 def forward_schedule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,8 +93,7 @@ def backward_schedule(
         if not last:
             kv_ticket = yield Post(kv)
         source = (rank - step) % world_size
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        dk = dv = None
         for blk in blocks(layout, rank, source, world_size, c, causal):
             dq_b, dk_b, dv_b = kernel.backward(
                 dout[:, blk.q],
@@ -96,8 +106,11 @@ def backward_schedule(
                 scale,
             )
             dq[:, blk.q] += dq_b
-            dk[:, blk.k] += dk_b
-            dv[:, blk.k] += dv_b
+            dk = _accumulate(dk, dk_b, blk.k, k.shape, acc)
+            dv = _accumulate(dv, dv_b, blk.k, v.shape, acc)
+        if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
+            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         if world_size > 1:
             if dkv_ticket is not None:  # partial sums for this K/V from the ranks it visited before
                 dk_prev, dv_prev = yield Wait(dkv_ticket)

@@ -66,18 +66,25 @@ def run_dist(gen: Schedule, group: dist.ProcessGroup) -> Any:
             msg = gen.send(value)
         except StopIteration as stop:
             return stop.value
-        if isinstance(msg, Post):
-            tensors = tuple(t.contiguous() for t in msg.tensors)
-            bufs = tuple(torch.empty_like(t) for t in tensors)
-            ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
-            ops += [dist.P2POp(dist.irecv, b, recv_from, group) for b in bufs]
-            # keep the send buffers alive until the wait: the ops read them asynchronously
-            value = (dist.batch_isend_irecv(ops), bufs, tensors)
-        else:
-            works, bufs, _ = msg.ticket
-            for w in works:
-                w.wait()
-            value = bufs
+        # Locals here must not outlive one step: a finished Work still references its tensors,
+        # and holding one would keep an extra K/V block alive for the whole step.
+        value = _post(msg.tensors, send_to, recv_from, group) if isinstance(msg, Post) else _wait(msg.ticket)
+        msg = None
+
+
+def _post(tensors, send_to, recv_from, group):
+    tensors = tuple(t.contiguous() for t in tensors)
+    bufs = tuple(torch.empty_like(t) for t in tensors)
+    ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, b, recv_from, group) for b in bufs]
+    return dist.batch_isend_irecv(ops), bufs
+
+
+def _wait(ticket):
+    works, bufs = ticket
+    for w in works:
+        w.wait()
+    return bufs
 
 
 def run_inprocess(gens: list[Schedule], stats: list[CommStats] | None = None) -> list[Any]:

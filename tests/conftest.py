@@ -18,3 +18,17 @@ def dist_pool():
     yield get
     for pool in _pools.values():
         pool.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from hf_striped.pretrained import smollm2_folder
+
+    return smollm2_folder()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import hf_striped
 from hf_striped.ring import ring_attention_with_lse
@@ -21,3 +25,150 @@ def ring_case(rank, world, case, layout, backend="auto"):
     out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, backend=backend)
     out.backward(dl)
     return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+
+
+def _load(model_dir, dtype, attn="striped_ring"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=dtype)
+    model.train()  # dropout is 0 in these configs; train mode checks nothing is eval-only
+    return model
+
+
+def model_case(rank, world, model_dir, input_ids, layout, dtype=torch.float32, want_grads=True):
+    """Run a causal LM on this rank's shard inside ``context_parallel``; return this rank's logits
+    and per-token losses, and (rank 0) the CP-group-summed parameter gradients of the summed loss."""
+    group = dist.group.WORLD
+    model = _load(model_dir, dtype)
+    b, n = input_ids.shape
+    positions = torch.arange(n).expand(b, -1)
+    shift_labels = torch.cat([input_ids[:, 1:], torch.full((b, 1), -100)], dim=1)  # shifted once, globally
+    ids, pos, labels = (hf_striped.shard(t, dim=1, group=group, layout=layout) for t in (input_ids, positions, shift_labels))
+    with hf_striped.context_parallel(group, layout=layout):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(b, -1)
+        if want_grads:
+            token_loss.sum().backward()
+    result = dict(logits=logits.detach(), token_loss=token_loss.detach())
+    if want_grads:
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        for g in grads.values():
+            dist.all_reduce(g, group=group)
+        if rank == 0:
+            result["grads"] = grads
+    return result
+
+
+def missing_positions(rank, world, model_dir, input_ids, layout):
+    """Call the model inside the context without position_ids; return the error text."""
+    group = dist.group.WORLD
+    model = _load(model_dir, torch.float32)
+    ids = hf_striped.shard(input_ids, dim=1, group=group, layout=layout)
+    try:
+        with hf_striped.context_parallel(group, layout=layout):
+            model(input_ids=ids, use_cache=False)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def shard_unshard(rank, world, x, layout):
+    """shard -> unshard round trip, and the gradient of unshard: every rank's copy of the full
+    tensor gets loss weights (rank + 1) * w, so the part's gradient is sum_r (r + 1) * w."""
+    group = dist.group.WORLD
+    part = hf_striped.shard(x, dim=1, group=group, layout=layout).clone().requires_grad_()
+    full = hf_striped.unshard(part, dim=1, group=group, layout=layout)
+    w = torch.arange(x.numel(), dtype=x.dtype).reshape(x.shape) / x.numel()
+    (full * w * (rank + 1)).sum().backward()
+    return dict(full=full.detach(), grad=part.grad)
+
+
+class _CommSpy:
+    """Records every torch.distributed call the ring makes on this rank."""
+
+    GATHERS = ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "broadcast",
+               "all_to_all", "all_to_all_single", "all_reduce", "reduce_scatter", "reduce_scatter_tensor")
+
+    def __init__(self):
+        self.collectives: list[str] = []
+        self.p2p_numels: list[int] = []
+        self._saved = {}
+
+    def __enter__(self):
+        for name in self.GATHERS:
+            orig = getattr(dist, name)
+            self._saved[name] = orig
+
+            def wrapped(*a, __name=name, __orig=orig, **k):
+                self.collectives.append(__name)
+                return __orig(*a, **k)
+
+            setattr(dist, name, wrapped)
+        orig_batch = dist.batch_isend_irecv
+        self._saved["batch_isend_irecv"] = orig_batch
+
+        def batch(ops):
+            self.p2p_numels.extend(op.tensor.numel() for op in ops)
+            return orig_batch(ops)
+
+        dist.batch_isend_irecv = batch
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage allocated under this mode and still alive, and their peak.
+
+    Every op's output storage is counted once when first seen and uncounted when Python frees
+    it (storages keep their Python object, so ``weakref.finalize`` fires exactly then)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key, nbytes):
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: not an allocation
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key, nbytes = st.data_ptr(), st.nbytes()
+                if nbytes and key not in self._seen and key not in inputs:
+                    self._seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, nbytes)
+        return out
+
+
+def ring_memory(rank, world, case, layout):
+    """Forward + backward of ring attention while recording (a) every collective and P2P message
+    and (b) the peak of tensor bytes allocated during the op and alive at once."""
+    q, k, v, dout = case.inputs()
+    group = dist.group.WORLD
+    ql, kl, vl, dl = (hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout))
+    for t in (ql, kl, vl):
+        t.requires_grad_()
+    with _CommSpy() as spy, LiveBytes() as mem:
+        out = hf_striped.ring_attention(ql, kl, vl, group=group, layout=layout)
+        out.backward(dl)
+        del out
+    return dict(
+        collectives=spy.collectives,
+        p2p_numels=spy.p2p_numels,
+        peak_bytes=mem.peak,
+        local_q_bytes=ql.numel() * ql.element_size(),
+        local_kv_numel=kl.numel(),
+        full_kv_bytes=2 * k.numel() * k.element_size(),
+    )

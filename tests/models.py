@@ -1,0 +1,60 @@
+"""Model fixtures shared by tests: a tiny random Llama saved once per session, and the real
+SmolLM2-135M converted once into the hf_striped cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    cfg = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def save_tiny_llama(path, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    with torch.no_grad():  # larger-than-init weights so attention is far from uniform
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(path)
+    return path
+
+
+def load(path, attn, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+
+
+def single_process(path, input_ids, attn="sdpa", dtype=torch.float32, want_grads=True):
+    """Logits, per-token losses (labels shifted once, last position ignored) and gradients of
+    the summed loss on one process."""
+    model = load(path, attn, dtype)
+    model.train()
+    b = input_ids.shape[0]
+    shift_labels = torch.cat([input_ids[:, 1:], torch.full((b, 1), -100)], dim=1)
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.to(torch.float64 if dtype == torch.float64 else torch.float32).flatten(0, 1),
+        shift_labels.flatten(),
+        ignore_index=-100,
+        reduction="none",
+    ).view(b, -1)
+    out = dict(logits=logits.detach(), token_loss=token_loss.detach())
+    if want_grads:
+        token_loss.sum().backward()
+        out["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return out

@@ -1,0 +1,123 @@
+"""Registration and the NotImplementedError / ValueError contract of striped_ring inside a
+context (group=None: this process alone, so no process group is needed)."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+import hf_striped
+from hf_striped.integration import striped_ring_attention_forward, striped_ring_mask
+from models import load
+
+
+def test_register_is_idempotent_and_refuses_foreign_entries():
+    before = (AttentionInterface._global_mapping["striped_ring"], AttentionMaskInterface._global_mapping["striped_ring"])
+    hf_striped.register()
+    hf_striped.register()
+    assert before == (striped_ring_attention_forward, striped_ring_mask)
+    assert AttentionInterface._global_mapping["striped_ring"] is striped_ring_attention_forward
+    AttentionInterface.register("striped_ring", lambda *a, **k: None)
+    try:
+        with pytest.raises(RuntimeError, match="will not overwrite"):
+            hf_striped.register()
+    finally:
+        AttentionInterface.register("striped_ring", striped_ring_attention_forward)
+    # built-in entries are untouched
+    assert AttentionInterface._global_mapping["sdpa"].__module__.startswith("transformers")
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+
+
+def _qkv(b=1, h=4, hk=2, s=8, d=16):
+    torch.manual_seed(0)
+    return torch.randn(b, h, s, d), torch.randn(b, hk, s, d), torch.randn(b, hk, s, d)
+
+
+def _call(**kwargs):
+    q, k, v = _qkv()
+    kwargs.setdefault("position_ids", torch.arange(8)[None])
+    mask = kwargs.pop("attention_mask", None)
+    dropout = kwargs.pop("dropout", 0.0)
+    return striped_ring_attention_forward(_Module(), q, k, v, mask, dropout=dropout, scaling=0.25, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, feature",
+    [
+        (dict(dropout=0.1), "dropout"),
+        (dict(output_attentions=True), "output_attentions"),
+        (dict(softcap=30.0), "softcap"),
+        (dict(s_aux=torch.zeros(4)), "sinks"),
+        (dict(sliding_window=4), "sliding window"),
+        (dict(is_causal=False), "non-causal"),
+        (dict(attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)), "attention masks"),
+    ],
+)
+def test_unsupported_features_raise_inside_context(kwargs, feature):
+    with hf_striped.context_parallel(None):
+        with pytest.raises(NotImplementedError, match=feature):
+            _call(**kwargs)
+
+
+def test_kv_cache_inside_context_raises():
+    q, k, v = _qkv()
+    with hf_striped.context_parallel(None):
+        with pytest.raises(NotImplementedError, match="KV cache"):
+            striped_ring_attention_forward(_Module(), q[:, :, -1:], k, v, None, position_ids=torch.tensor([[7]]))
+
+
+def test_window_as_long_as_sequence_is_plain_causal():
+    with hf_striped.context_parallel(None):
+        out, weights = _call(sliding_window=8)
+    q, k, v = _qkv()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    assert weights is None
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=0, atol=1e-6)
+
+
+def test_missing_or_bad_positions_raise():
+    with hf_striped.context_parallel(None):
+        with pytest.raises(ValueError, match="needs position_ids"):
+            _call(position_ids=None)
+        with pytest.raises(ValueError, match="unbroken run"):  # packed documents restart positions
+            _call(position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+        out, _ = _call(position_ids=torch.arange(100, 108)[None])  # an offset base is fine
+    assert out.shape == (1, 8, 4, 16)
+
+
+def test_padding_mask_inside_context_raises_and_all_ones_is_dropped():
+    with hf_striped.context_parallel(None):
+        assert striped_ring_mask(batch_size=1, q_length=4, kv_length=4, attention_mask=torch.ones(1, 4, dtype=torch.bool)) is None
+        with pytest.raises(ValueError, match="right padding"):
+            striped_ring_mask(batch_size=1, q_length=4, kv_length=4, attention_mask=torch.tensor([[1, 1, 1, 0]]).bool())
+
+
+def test_context_arguments_are_validated():
+    with pytest.raises(ValueError, match="layout"):
+        with hf_striped.context_parallel(None, layout="spiral"):
+            pass
+    with pytest.raises(ValueError, match="backend"):
+        with hf_striped.context_parallel(None, backend="nope"):
+            pass
+
+
+def test_model_inside_context_alone_matches_sdpa(tiny_llama_dir):
+    """A model run through the ring with P = 1 (our kernels) matches sdpa; dropout in training
+    mode is refused through the real model."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 16))
+    ours, ref = load(tiny_llama_dir, "striped_ring"), load(tiny_llama_dir, "sdpa")
+    with torch.no_grad(), hf_striped.context_parallel(None):
+        a = ours(input_ids=ids, position_ids=torch.arange(16).expand(2, -1)).logits
+    b = ref(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    ours.config.attention_dropout = 0.1
+    for layer in ours.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    ours.train()
+    with hf_striped.context_parallel(None), pytest.raises(NotImplementedError, match="dropout"):
+        ours(input_ids=ids, position_ids=torch.arange(16).expand(2, -1))

@@ -1,0 +1,95 @@
+"""Block kernels against float64 math, and backend selection with fallback."""
+
+import warnings
+
+import pytest
+import torch
+
+from exactness import max_err
+from hf_striped import kernels
+from hf_striped.kernels import KERNELS, select_kernel
+from hf_striped.kernels.reference import plain_attention
+
+
+def _inputs(dtype, b=2, s=9, h=6, hk=3, d=33, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, n, d, generator=g).to(dtype) for n in (h, hk, hk, h)]
+
+
+@pytest.mark.parametrize("name", ["torch_cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_kernels_against_float64_autograd(name, dtype, causal):
+    q, k, v, do = _inputs(dtype)
+    kern = KERNELS[name]
+    scale = 0.2
+    out, lse = kern.forward(q, k, v, causal, scale)
+    dq, dk, dv = kern.backward(do, q, k, v, out, lse, causal, scale)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = plain_attention(q64, k64, v64, causal, scale)
+    out64.backward(do.double())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 6e-2}[dtype]  # bf16: ~8 ulps at |x|~1
+    errs = dict(out=max_err(out, out64), lse=max_err(lse, lse64), dq=max_err(dq, q64.grad),
+                dk=max_err(dk, k64.grad), dv=max_err(dv, v64.grad))
+    print(name, dtype, causal, {k_: f"{e:.1e}" for k_, e in errs.items()})
+    assert out.dtype == dtype and lse.dtype in (torch.float32, torch.float64)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    assert max(errs.values()) < tol
+
+
+def test_auto_picks_the_fused_cpu_kernel_silently():
+    q, k, v, _ = _inputs(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_kernel("auto", q, k, v).name == "torch_cpu"
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_flash", "torch_efficient", "torch_cudnn"])
+def test_named_backend_that_cannot_run_falls_back_with_one_warning(backend):
+    kernels._warned.clear()
+    q, k, v, _ = _inputs(torch.float32)
+    with pytest.warns(RuntimeWarning, match=rf"backend '{backend}' cannot run these inputs.*falling back to 'torch_cpu'"):
+        assert select_kernel(backend, q, k, v).name == "torch_cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # second time: silent
+        assert select_kernel(backend, q, k, v).name == "torch_cpu"
+
+
+def test_unknown_backend_and_bad_gqa_shapes_are_errors():
+    q, k, v, _ = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="unknown backend"):
+        select_kernel("triton", q, k, v)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        select_kernel("auto", q[:, :, :5], k, v)
+
+
+def test_unsupported_dtype_on_cpu_falls_back_to_reference():
+    """Integer-free but unusual float dtypes the fused op lacks fall back, never crash."""
+    q, k, v, _ = _inputs(torch.float32)
+    q, k, v = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
+    kernels._warned.clear()
+    with pytest.warns(RuntimeWarning, match="falling back to the 'reference'"):
+        assert select_kernel("auto", q, k, v).name == "reference"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["torch_flash", "torch_efficient", "torch_cudnn", "flash_attn"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_kernels_against_float64(name, d):
+    kern = KERNELS[name]
+    q, k, v, do = (t.cuda() for t in _inputs(torch.bfloat16, s=256, h=8, hk=2, d=d))
+    reason = kern.unsupported_reason(q, k, v)
+    if reason:
+        pytest.skip(reason)
+    for causal in (True, False):
+        out, lse = kern.forward(q, k, v, causal, d**-0.5)
+        dq, dk, dv = kern.backward(do, q, k, v, out, lse, causal, d**-0.5)
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        out64, lse64 = plain_attention(q64, k64, v64, causal)
+        out64.backward(do.double())
+        qb, kb, vb = (t.detach().requires_grad_() for t in (q, k, v))
+        outb, lseb = plain_attention(qb, kb, vb, causal)
+        outb.backward(do)
+        for ours, ref, base in ((out, out64, outb), (lse, lse64, lseb), (dq, q64.grad, qb.grad), (dk, k64.grad, kb.grad), (dv, v64.grad, vb.grad)):
+            assert max_err(ours, ref) <= 2 * max_err(base, ref) + 1e-5
