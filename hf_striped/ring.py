@@ -52,6 +52,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
 
 
+def _out_for_backward(kernel, out_acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """What backward gets as the final output: the float32 accumulator for kernels whose
+    half-precision backward runs in float32 (its row sums D = rowsum(dO * O) then use the
+    unrounded output), else the output in the input dtype (no extra memory)."""
+    return out_acc if getattr(kernel, "backward_in_float32", False) else out
+
+
 def _run(gen, group):
     if group is None or dist.get_world_size(group) == 1:
         return run_inprocess([gen])[0]
@@ -68,8 +75,9 @@ class _RingAttention(torch.autograd.Function):
         gen = forward_schedule(
             q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel
         )
-        out, lse = _run(gen, group)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out_acc, lse = _run(gen, group)
+        out = out_acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, _out_for_backward(kernel, out_acc, out), lse)
         ctx.args = (group, rank, world, layout, causal, scale, kernel)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -101,9 +109,10 @@ class _InProcessRingAttention(torch.autograd.Function):
             for r in range(world)
         ]
         results = run_inprocess(gens, stats)
-        outs = [o for o, _ in results]
+        outs = [o.to(q.dtype) for (o, _), q in zip(results, qs)]
         lses = [lse for _, lse in results]
-        ctx.save_for_backward(*tensors, *outs, *lses)
+        saved_outs = [_out_for_backward(kernel, o, out) for (o, _), out in zip(results, outs)]
+        ctx.save_for_backward(*tensors, *saved_outs, *lses)
         ctx.meta = meta
         ctx.mark_non_differentiable(*lses)
         return (*outs, *lses)

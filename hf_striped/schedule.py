@@ -47,7 +47,8 @@ def forward_schedule(
     scale: float,
     kernel,
 ) -> Schedule:
-    """One rank's forward ring. Returns ``(out [b, c, h, d] in q.dtype, lse [b, h, c] float32)``."""
+    """One rank's forward ring. Returns ``(out, lse)``: the merged output ``[b, c, h, d]`` and
+    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype."""
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
     out = torch.zeros(b, c, h, v.shape[-1], dtype=acc, device=q.device)
@@ -64,7 +65,7 @@ def forward_schedule(
             merge_(out[:, blk.q], lse[:, :, blk.q], o_b, lse_b)
         if not last:
             kv = yield Wait(ticket)
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 def backward_schedule(

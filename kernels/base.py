@@ -24,8 +24,9 @@ class BlockKernel(Protocol):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``out`` ``[b, sq, h, d]`` in ``q.dtype`` and ``lse`` ``[b, h, sq]`` in float32
-        (float64 for float64 inputs). ``causal`` aligns the mask top-left (query i sees keys
+        """Return ``out`` ``[b, sq, h, d]`` (in ``q.dtype``, or float32 for kernels that compute
+        half-precision inputs in float32) and ``lse`` ``[b, h, sq]`` in float32 (float64 for
+        float64 inputs). ``causal`` aligns the mask top-left (query i sees keys
         ``<= i``); callers only use it with ``sq == sk``."""
 
     def backward(
@@ -39,7 +40,8 @@ class BlockKernel(Protocol):
         causal: bool,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Partial gradients of one block given the *final* ``out``/``lse`` of each query row.
+        """Partial gradients of one block given the *final* ``out``/``lse`` of each query row
+        (``out`` may arrive in float32 when the kernel sets ``backward_in_float32``).
 
         Returns ``dq`` shaped like ``q`` and ``dk``/``dv`` shaped like ``k``/``v`` (GQA groups
         already summed), in the input dtype or float32."""

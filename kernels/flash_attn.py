@@ -73,7 +73,7 @@ class FlashAttnKernel:
         _, bwd, _, params = _interface()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = dict(
-            dout=dout.contiguous(), q=q, k=k, v=v, out=out, softmax_lse=lse.contiguous(),
+            dout=dout.contiguous(), q=q, k=k, v=v, out=out.to(q.dtype), softmax_lse=lse.contiguous(),
             dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
             deterministic=False, rng_state=None,
         )

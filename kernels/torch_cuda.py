@@ -71,7 +71,7 @@ class _TorchCUDAKernel:
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         g = gqa_groups(q, k)
-        args = _bhsd(dout, q, expand_kv(k, g), expand_kv(v, g), out)
+        args = _bhsd(dout, q, expand_kv(k, g), expand_kv(v, g), out.to(q.dtype))
         extras = self._extras.get(q.shape[1])
         if extras is None:
             raise RuntimeError(f"{self.name}: backward called for a query length forward never saw")

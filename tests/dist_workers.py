@@ -16,15 +16,7 @@ from hf_striped.ring import ring_attention_with_lse
 def ring_case(rank, world, case, layout, backend="auto"):
     """Shard the case's full inputs, run ring attention forward + backward over WORLD, and
     return this rank's (out, lse, dq, dk, dv)."""
-    q, k, v, dout = case.inputs()
-    group = dist.group.WORLD
-    parts = [hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout)]
-    ql, kl, vl, dl = parts
-    for t in (ql, kl, vl):
-        t.requires_grad_()
-    out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, backend=backend)
-    out.backward(dl)
-    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+    return ring_case_in_group(case, layout, dist.group.WORLD, backend)
 
 
 def _load(model_dir, dtype, attn="striped_ring"):
@@ -172,3 +164,25 @@ def ring_memory(rank, world, case, layout):
         local_kv_numel=kl.numel(),
         full_kv_bytes=2 * k.numel() * k.element_size(),
     )
+
+
+def subgroup_rings(rank, world, cases, layout, partition):
+    """Data-parallel x context-parallel: split WORLD into CP groups (``partition``, a list of rank
+    lists, e.g. [[0, 2], [1, 3]]), run a different case in each group, return this rank's
+    results with its group index and rank in the group."""
+    groups = [dist.new_group(ranks) for ranks in partition]  # every rank creates every group
+    gi = next(i for i, ranks in enumerate(partition) if rank in ranks)
+    group = groups[gi]
+    res = ring_case_in_group(cases[gi], layout, group)
+    res["group_index"], res["group_rank"] = gi, dist.get_rank(group)
+    return res
+
+
+def ring_case_in_group(case, layout, group, backend="auto"):
+    q, k, v, dout = case.inputs()
+    ql, kl, vl, dl = (hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout))
+    for t in (ql, kl, vl):
+        t.requires_grad_()
+    out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, backend=backend)
+    out.backward(dl)
+    return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)

@@ -28,11 +28,12 @@ def test_cpu_kernels_against_float64_autograd(name, dtype, causal):
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     out64, lse64 = plain_attention(q64, k64, v64, causal, scale)
     out64.backward(do.double())
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 6e-2}[dtype]  # bf16: ~8 ulps at |x|~1
+    # bf16 inputs are exact in float64; both kernels compute them in float32 or better
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
     errs = dict(out=max_err(out, out64), lse=max_err(lse, lse64), dq=max_err(dq, q64.grad),
                 dk=max_err(dk, k64.grad), dv=max_err(dv, v64.grad))
     print(name, dtype, causal, {k_: f"{e:.1e}" for k_, e in errs.items()})
-    assert out.dtype == dtype and lse.dtype in (torch.float32, torch.float64)
+    assert out.dtype in (dtype, torch.float32) and lse.dtype in (torch.float32, torch.float64)
     assert dk.shape == k.shape and dv.shape == v.shape
     assert max(errs.values()) < tol
 
