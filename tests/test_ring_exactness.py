@@ -218,3 +218,29 @@ def test_public_api_alone_matches_sdpa_and_validates_inputs():
         hf_striped.ring_attention(q[:, :8], k, v)
     with pytest.raises(ValueError, match="unknown layout"):
         hf_striped.ring_attention(q, k, v, layout="ring")
+
+
+@pytest.mark.parametrize("layout, P, n", [("striped", 4, 23), ("contiguous", 3, 13), ("zigzag", 3, 13), ("zigzag", 2, 9)])
+def test_unsplittable_length_padded_as_told_is_exact(layout, P, n):
+    """A length the layout cannot split raises with the length to pad to; padding there (pads at
+    the end, their output gradient zero, as label -100 makes it) leaves the real tokens exact."""
+    import re
+
+    case = Case(seq=n, batch=2, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, seed=5)
+    q, k, v, dout = case.inputs()
+    with pytest.raises(ValueError, match="Pad the sequence to") as err:
+        shard_local(q, 1, layout, 0, P)
+    target = int(re.search(r"Pad the sequence to (\d+)", str(err.value)).group(1))
+    assert target % (2 * P if layout == "zigzag" else P) == 0 and 0 < target - n < (2 * P if layout == "zigzag" else P)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, target - n))  # noqa: E731
+    shards = [[shard_local(pad(t), 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
+    outs, lses = ring_attention_inprocess(*shards, layout=layout)
+    torch.autograd.backward(outs, [shard_local(pad(dout), 1, layout, r, P) for r in range(P)])
+    per_rank = [
+        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
+        for r in range(P)
+    ]
+    full = _gather(per_rank, layout)
+    real = {name: (t[:, :, :n] if name == "lse" else t[:, :n]) for name, t in full.items()}
+    ref, base = _expected(case)
+    assert_exact(f"padded {n}->{target} {layout} P={P}", real, ref, base)
