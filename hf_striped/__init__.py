@@ -3,11 +3,22 @@
 ``import hf_striped`` registers ``attn_implementation="striped_ring"``.
 """
 
-from .context import context_parallel
-from .integration import ATTN_IMPLEMENTATION, register
-from .layout import LAYOUTS
-from .ring import ring_attention
-from .sharding import shard, unshard
+from pathlib import Path as _Path
+
+# In a source checkout, kernels/ and patches/ sit beside this folder instead of inside it (the
+# installed package has them inside, see pyproject.toml). When the checkout itself is on sys.path
+# (python -c / python -m run from its root), let its root serve those two subpackages too.
+_here = _Path(__file__).resolve().parent
+if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_file() and (
+    _here.parent / "kernels" / "__init__.py"
+).is_file():
+    __path__.append(str(_here.parent))  # noqa: F821 - the package's own __path__
+
+from .context import context_parallel  # noqa: E402
+from .integration import ATTN_IMPLEMENTATION, register  # noqa: E402
+from .layout import LAYOUTS  # noqa: E402
+from .ring import ring_attention  # noqa: E402
+from .sharding import shard, unshard  # noqa: E402
 
 register()
 

