@@ -33,6 +33,23 @@ def _gather(per_rank: list[dict], layout: str) -> dict:
     return full
 
 
+def _inprocess(q, k, v, dout, P, layout, **kwargs) -> dict:
+    """Shard full-length q/k/v/dout over P virtual ranks, run the ring forward + backward in
+    this process, and return out, lse, dq, dk, dv back in natural order. Also checks dtypes and
+    shapes of every rank's results."""
+    shards = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
+    outs, lses = ring_attention_inprocess(*shards, layout=layout, **kwargs)
+    torch.autograd.backward(outs, [shard_local(dout, 1, layout, r, P) for r in range(P)])
+    per_rank = [
+        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
+        for r in range(P)
+    ]
+    for r in range(P):
+        assert per_rank[r]["out"].dtype == q.dtype and per_rank[r]["dk"].shape == shards[1][r].shape
+        assert per_rank[r]["dq"].dtype == q.dtype and per_rank[r]["lse"].dtype in (torch.float32, torch.float64)
+    return _gather(per_rank, layout)
+
+
 def _expected(case):
     q, k, v, dout = case.inputs()
     return reference(q, k, v, dout), plain(q, k, v, dout)
@@ -45,20 +62,9 @@ def _expected(case):
 def test_inprocess_transport(P, layout, dtype, shape):
     case = _case(P, dtype, shape)
     q, k, v, dout = case.inputs()
-    shards = [[shard_local(t, 1, layout, r, P).clone() for r in range(P)] for t in (q, k, v)]
-    for ts in shards:
-        for t in ts:
-            t.requires_grad_()
-    outs, lses = ring_attention_inprocess(*shards, layout=layout)
-    torch.autograd.backward(outs, [shard_local(dout, 1, layout, r, P) for r in range(P)])
-    per_rank = [
-        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-        for r in range(P)
-    ]
-    for r in range(P):
-        assert per_rank[r]["out"].dtype == dtype and per_rank[r]["dk"].shape == shards[1][r].shape
+    full = _inprocess(q, k, v, dout, P, layout)
     ref, base = _expected(case)
-    assert_exact(f"inprocess P={P} {layout} {dtype} {shape}", _gather(per_rank, layout), ref, base)
+    assert_exact(f"inprocess P={P} {layout} {dtype} {shape}", full, ref, base)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -84,15 +90,9 @@ def test_one_token_per_rank():
     P = 4
     case = Case(seq=P, batch=1, heads=2, kv_heads=1, head_dim=8)
     q, k, v, dout = case.inputs()
-    shards = [[shard_local(t, 1, "striped", r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-    outs, lses = ring_attention_inprocess(*shards, layout="striped")
-    torch.autograd.backward(outs, [shard_local(dout, 1, "striped", r, P) for r in range(P)])
-    per_rank = [
-        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-        for r in range(P)
-    ]
+    full = _inprocess(q, k, v, dout, P, "striped")
     ref, base = _expected(case)
-    assert_exact("inprocess c=1 striped", _gather(per_rank, "striped"), ref, base)
+    assert_exact("inprocess c=1 striped", full, ref, base)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -100,16 +100,10 @@ def test_non_causal(layout):
     P = 3
     case = Case(seq=P * 8, batch=2, heads=4, kv_heads=2, head_dim=16)
     q, k, v, dout = case.inputs()
-    shards = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-    outs, lses = ring_attention_inprocess(*shards, layout=layout, causal=False)
-    torch.autograd.backward(outs, [shard_local(dout, 1, layout, r, P) for r in range(P)])
-    per_rank = [
-        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-        for r in range(P)
-    ]
+    full = _inprocess(q, k, v, dout, P, layout, causal=False)
     assert_exact(
         f"inprocess non-causal {layout}",
-        _gather(per_rank, layout),
+        full,
         reference(q, k, v, dout, causal=False),
         plain(q, k, v, dout, causal=False),
     )
@@ -127,14 +121,8 @@ def test_cuda_kernels_through_the_ring(backend, head_dim, layout):
     P = 4
     case = Case(seq=P * 128, batch=2, heads=32, kv_heads=8, head_dim=head_dim, dtype=torch.bfloat16)
     q, k, v, dout = (t.cuda() for t in case.inputs())
-    shards = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-    outs, lses = ring_attention_inprocess(*shards, layout=layout, backend=backend)
-    torch.autograd.backward(outs, [shard_local(dout, 1, layout, r, P) for r in range(P)])
-    per_rank = [
-        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-        for r in range(P)
-    ]
-    assert_exact(f"cuda {backend} d={head_dim} {layout}", _gather(per_rank, layout), reference(q, k, v, dout), plain(q, k, v, dout))
+    full = _inprocess(q, k, v, dout, P, layout, backend=backend)
+    assert_exact(f"cuda {backend} d={head_dim} {layout}", full, reference(q, k, v, dout), plain(q, k, v, dout))
 
 
 @pytest.mark.parametrize("partition", [[[0, 1], [2, 3]], [[0, 2], [1, 3]]], ids=["adjacent", "interleaved"])
@@ -170,15 +158,9 @@ def test_random_shapes_inprocess(P, c_half, batch, kv_heads, groups, head_dim, l
     case = Case(seq=P * 2 * c_half, batch=batch, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=head_dim,
                 dtype=dtype, seed=seed)
     q, k, v, dout = case.inputs()
-    shards = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-    outs, lses = ring_attention_inprocess(*shards, layout=layout)
-    torch.autograd.backward(outs, [shard_local(dout, 1, layout, r, P) for r in range(P)])
-    per_rank = [
-        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-        for r in range(P)
-    ]
+    full = _inprocess(q, k, v, dout, P, layout)
     ref, base = _expected(case)
-    assert_exact(f"random {case} {layout} P={P}", _gather(per_rank, layout), ref, base)
+    assert_exact(f"random {case} {layout} P={P}", full, ref, base)
 
 
 @pytest.mark.parametrize("P", [2, 3])
@@ -187,15 +169,9 @@ def test_long_shards_cross_kernel_tiles(P):
     for dtype in DTYPES:
         case = Case(seq=P * 256, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=dtype, seed=3)
         q, k, v, dout = case.inputs()
-        shards = [[shard_local(t, 1, "striped", r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-        outs, lses = ring_attention_inprocess(*shards, layout="striped")
-        torch.autograd.backward(outs, [shard_local(dout, 1, "striped", r, P) for r in range(P)])
-        per_rank = [
-            dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-            for r in range(P)
-        ]
+        full = _inprocess(q, k, v, dout, P, "striped")
         ref, base = _expected(case)
-        assert_exact(f"long shards P={P} {dtype}", _gather(per_rank, "striped"), ref, base)
+        assert_exact(f"long shards P={P} {dtype}", full, ref, base)
 
 
 def test_public_api_alone_matches_sdpa_and_validates_inputs():
@@ -233,14 +209,7 @@ def test_unsplittable_length_padded_as_told_is_exact(layout, P, n):
     target = int(re.search(r"Pad the sequence to (\d+)", str(err.value)).group(1))
     assert target % (2 * P if layout == "zigzag" else P) == 0 and 0 < target - n < (2 * P if layout == "zigzag" else P)
     pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, target - n))  # noqa: E731
-    shards = [[shard_local(pad(t), 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-    outs, lses = ring_attention_inprocess(*shards, layout=layout)
-    torch.autograd.backward(outs, [shard_local(pad(dout), 1, layout, r, P) for r in range(P)])
-    per_rank = [
-        dict(out=outs[r].detach(), lse=lses[r], dq=shards[0][r].grad, dk=shards[1][r].grad, dv=shards[2][r].grad)
-        for r in range(P)
-    ]
-    full = _gather(per_rank, layout)
+    full = _inprocess(pad(q), pad(k), pad(v), pad(dout), P, layout)
     real = {name: (t[:, :, :n] if name == "lse" else t[:, :n]) for name, t in full.items()}
     ref, base = _expected(case)
     assert_exact(f"padded {n}->{target} {layout} P={P}", real, ref, base)
