@@ -36,13 +36,19 @@ class ContextParallelState:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         self.rank, self.world_size = group_rank_size(self.group)
 
+    def new_forward(self) -> None:
+        """Forget the last checked position tensor. Called at a point every rank reaches once per
+        forward, so whether the check (a collective) runs never differs between ranks."""
+        self._checked = None
+
     def check_positions(self, position_ids: torch.Tensor | None, batch: int, seq_local: int) -> None:
         """Verify that ``position_ids`` are this rank's shard of one unbroken run of global
         positions per row (``base + arange(N)``), identically based on every rank.
 
-        Runs once per position tensor (all layers of a forward share one), at the cost of one
-        tiny all-reduce; every rank reaches the same verdict, so a bad input raises everywhere
-        instead of leaving peers waiting in the ring.
+        Runs once per forward (all layers share one position tensor; :meth:`new_forward`, called
+        by the mask function on every rank, resets the cache), at the cost of one tiny
+        all-reduce. Every rank reaches the same verdict, so a bad input raises everywhere instead
+        of leaving peers waiting in the ring.
         """
         if position_ids is None:
             raise ValueError(
@@ -86,6 +92,59 @@ def active_context() -> ContextParallelState | None:
     return _ACTIVE.get()
 
 
+class _StatesByPositions:
+    """Which context a forward ran under, keyed by the ``position_ids`` tensor it used.
+
+    Gradient checkpointing re-runs attention during backward, possibly after the
+    ``context_parallel`` block has exited or on an autograd device thread that does not see
+    the block's context variable. The recomputation receives the very same ``position_ids``
+    tensor as the original forward, so that tensor identifies the state to reuse. Entries die
+    with their tensor.
+    """
+
+    def __init__(self):
+        self._by_id: dict[int, tuple[weakref.ref, ContextParallelState]] = {}
+
+    def remember(self, positions: torch.Tensor, state: ContextParallelState) -> None:
+        key = id(positions)
+        entry = self._by_id.get(key)
+        if entry is not None and entry[0]() is positions and entry[1] is state:
+            return
+        self._by_id[key] = (weakref.ref(positions, lambda _ref, key=key: self._by_id.pop(key, None)), state)
+
+    def forget(self, positions: torch.Tensor) -> None:
+        self._by_id.pop(id(positions), None)
+
+    def lookup(self, positions: torch.Tensor) -> ContextParallelState | None:
+        entry = self._by_id.get(id(positions))
+        return entry[1] if entry is not None and entry[0]() is positions else None
+
+
+_RECOMPUTE = _StatesByPositions()
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread (where gradient
+    checkpointing recomputes forwards)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)  # private, present since torch 2.0
+    return current is not None and current() != -1
+
+
+def state_for_attention_call(position_ids: torch.Tensor | None) -> ContextParallelState | None:
+    """The context an attention call must use: the active one; during backward with no active
+    one, the one its forward ran under (gradient checkpointing); otherwise ``None``."""
+    state = active_context()
+    if position_ids is None:
+        return state
+    if in_backward():
+        return state if state is not None else _RECOMPUTE.lookup(position_ids)
+    if state is None:
+        _RECOMPUTE.forget(position_ids)
+    else:
+        _RECOMPUTE.remember(position_ids, state)
+    return state
+
+
 @contextlib.contextmanager
 def context_parallel(group: dist.ProcessGroup | None, layout: str = "striped", *, backend: str = "auto"):
     """Run every ``striped_ring`` attention module inside this block as ring attention over ``group``.
@@ -93,8 +152,8 @@ def context_parallel(group: dist.ProcessGroup | None, layout: str = "striped", *
     Each rank feeds the model its shard of the sequence (:func:`hf_striped.shard` with the same
     ``layout``) and the matching *global* ``position_ids``; RoPE then sees true positions and
     the ring sees the global causal order. ``group=None`` means this process alone. Outside
-    the block, ``striped_ring`` behaves exactly like ``sdpa``. Keep ``loss.backward()`` inside
-    the block when the model uses gradient checkpointing (the recomputed forward needs it).
+    the block, ``striped_ring`` behaves exactly like ``sdpa``. ``backward()`` may run inside or
+    after the block: gradient checkpointing's recomputation reuses the forward's context.
     """
     state = ContextParallelState(group=group, layout=layout, backend=backend)
     token = _ACTIVE.set(state)

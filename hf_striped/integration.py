@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .context import active_context
+from .context import active_context, state_for_attention_call
 from .ring import ring_attention
 
 ATTN_IMPLEMENTATION = "striped_ring"
@@ -49,7 +49,7 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
     if not is_causal:
         _refuse("non-causal (bidirectional) attention", "striped_ring is for causal language models.")
     n = query.shape[2] * world_size
-    window = kwargs.get("sliding_window")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window is not None and window < n:
         _refuse(
             f"a sliding window ({window} tokens) shorter than the sequence ({n} tokens)",
@@ -81,7 +81,7 @@ def striped_ring_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Transformers attention function. ``query`` ``[b, heads, s, d]``, ``key``/``value``
     ``[b, kv_heads, s, d]`` (not repeated for GQA); returns ``([b, s, heads, d], None)``."""
-    state = active_context()
+    state = state_for_attention_call(kwargs.get("position_ids"))
     if state is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
@@ -104,12 +104,26 @@ def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
 
     Inside the context the ring derives causality from the layout, and the strided global
     positions each rank holds must not be mistaken for packed documents (Transformers would
-    otherwise build a document mask from them). Padding masks cannot be honoured there, so a
-    2-D mask that hides any token is refused.
+    otherwise build a document mask from them). What only a mask could express is refused:
+    padding that hides tokens, windows or chunks shorter than the sequence, and model-specific
+    mask functions. Transformers calls this once per forward on every rank, which also makes
+    it the point where the per-forward position check is reset.
     """
     state = active_context()
     if state is None:
         return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    state.new_forward()
+    n = kwargs.get("q_length", 0) * state.world_size
+    local = kwargs.get("local_size")
+    if local is not None and local < n:
+        _refuse(
+            f"a sliding window or attention chunk of {local} tokens shorter than the sequence ({n} tokens)",
+            "Use sequences no longer than the window, or run this model without context parallelism.",
+        )
+    if kwargs.get("use_vmap"):
+        # Transformers sets use_vmap exactly when the model adds its own or/and mask functions
+        # (bidirectional image tokens and similar), which the ring cannot apply.
+        _refuse("model-specific attention mask functions", "Run this model without context parallelism.")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(
             "an attention_mask that hides tokens cannot be honoured inside hf_striped.context_parallel. "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .kernels import select_kernel
 from .layout import check_layout
@@ -59,6 +60,12 @@ def _out_for_backward(kernel, out_acc: torch.Tensor, out: torch.Tensor) -> torch
     return out_acc if getattr(kernel, "backward_in_float32", False) else out
 
 
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """Fused kernels read the head dimension as if its stride were 1 (PyTorch's CPU op silently
+    returns garbage otherwise); copy only tensors that need it."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _run(gen, group):
     if group is None or dist.get_world_size(group) == 1:
         return run_inprocess([gen])[0]
@@ -71,7 +78,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, layout, causal, scale, kernel):
         rank, world = group_rank_size(group)
-        k, v = k.contiguous(), v.contiguous()
+        q, k, v = _last_dim_contiguous(q), k.contiguous(), v.contiguous()
         gen = forward_schedule(
             q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel
         )
@@ -83,11 +90,12 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         group, rank, world, layout, causal, scale, kernel = ctx.args
         gen = backward_schedule(
-            dout, q, k, v, out, lse,
+            _last_dim_contiguous(dout), q, k, v, out, lse,
             rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
         )
         dq, dk, dv = _run(gen, group)
@@ -118,6 +126,7 @@ class _InProcessRingAttention(torch.autograd.Function):
         return (*outs, *lses)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         world, layout, causal, scale, kernel, stats = ctx.meta
         saved = ctx.saved_tensors
@@ -126,7 +135,7 @@ class _InProcessRingAttention(torch.autograd.Function):
         douts = grads[:world]
         gens = [
             backward_schedule(
-                douts[r] if douts[r] is not None else torch.zeros_like(outs[r]),
+                _last_dim_contiguous(douts[r]) if douts[r] is not None else torch.zeros_like(outs[r]),
                 qs[r], ks[r], vs[r], outs[r], lses[r],
                 rank=r, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
             )
@@ -142,6 +151,11 @@ class _InProcessRingAttention(torch.autograd.Function):
 def _prepare(q, k, v, layout, softmax_scale, backend):
     check_layout(layout)
     _check_qkv(q, k, v)
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(
+            f"the 'zigzag' layout gives every rank two equal chunks, so seq_local must be even; got "
+            f"{q.shape[1]}. Shard with hf_striped.shard(..., layout='zigzag'), which checks the length."
+        )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return scale, select_kernel(backend, q, k, v)
 
@@ -223,6 +237,7 @@ def ring_attention_inprocess(
         _check_qkv(q, k, v)
         if q.shape != qs[0].shape or k.shape != ks[0].shape:
             raise ValueError("every virtual rank must hold shards of the same shape")
+    qs = [_last_dim_contiguous(q) for q in qs]
     ks = [k.contiguous() for k in ks]
     vs = [v.contiguous() for v in vs]
     res = _InProcessRingAttention.apply((world, layout, causal, scale, kernel, stats), *qs, *ks, *vs)

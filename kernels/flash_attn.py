@@ -23,7 +23,13 @@ def _interface():
     except Exception as exc:  # ImportError, or a broken CUDA extension raising OSError/RuntimeError
         return f"flash-attn is not importable ({type(exc).__name__}: {exc})"
     fwd, bwd = fai._flash_attn_forward, fai._flash_attn_backward
-    return fwd, bwd, set(inspect.signature(fwd).parameters), set(inspect.signature(bwd).parameters)
+    return fwd, bwd, _params(fwd), _params(bwd)
+
+
+def _params(fn) -> set[str]:
+    """Parameter names of a flash-attn internal. From 2.7 these are ``torch.library.custom_op``
+    objects whose own signature is ``(*args, **kwargs)``; the wrapped function keeps the names."""
+    return set(inspect.signature(getattr(fn, "_init_fn", fn)).parameters)
 
 
 def flash_attn_importable() -> bool:

@@ -27,11 +27,20 @@ def _load(model_dir, dtype, attn="striped_ring"):
     return model
 
 
-def model_case(rank, world, model_dir, input_ids, layout, dtype=torch.float32, want_grads=True):
+def model_case(rank, world, model_dir, input_ids, layout, dtype=torch.float32, want_grads=True,
+               checkpointing=None, backward="inside"):
     """Run a causal LM on this rank's shard inside ``context_parallel``; return this rank's logits
-    and per-token losses, and (rank 0) the CP-group-summed parameter gradients of the summed loss."""
+    and per-token losses, and (rank 0) the CP-group-summed parameter gradients of the summed loss.
+
+    ``checkpointing``: None, "reentrant" or "non_reentrant" gradient checkpointing.
+    ``backward``: run it "inside" the context block, "outside" (after it), or "thread" (inside,
+    but on another thread, as autograd's CUDA device threads do; they see no context variable)."""
+    import threading
+
     group = dist.group.WORLD
     model = _load(model_dir, dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
     b, n = input_ids.shape
     positions = torch.arange(n).expand(b, -1)
     shift_labels = torch.cat([input_ids[:, 1:], torch.full((b, 1), -100)], dim=1)  # shifted once, globally
@@ -41,8 +50,24 @@ def model_case(rank, world, model_dir, input_ids, layout, dtype=torch.float32, w
         token_loss = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
         ).view(b, -1)
-        if want_grads:
+        if want_grads and backward == "inside":
             token_loss.sum().backward()
+        if want_grads and backward == "thread":
+            errors = []
+
+            def run():
+                try:
+                    token_loss.sum().backward()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+
+            t = threading.Thread(target=run)
+            t.start()
+            t.join()
+            if errors:
+                raise errors[0]
+    if want_grads and backward == "outside":
+        token_loss.sum().backward()
     result = dict(logits=logits.detach(), token_loss=token_loss.detach())
     if want_grads:
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -186,3 +211,16 @@ def ring_case_in_group(case, layout, group, backend="auto"):
     out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, backend=backend)
     out.backward(dl)
     return dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+
+
+def reused_positions(rank, world, model_dir, input_ids):
+    """Two forwards; rank 0 reuses its position tensor, rank 1 passes an equal copy. Whether the
+    position check (a collective) runs must not differ between ranks, or they deadlock."""
+    group = dist.group.WORLD
+    model = _load(model_dir, torch.float32).eval()
+    ids = hf_striped.shard(input_ids, dim=1, group=group)
+    pos = hf_striped.shard(torch.arange(input_ids.shape[1]).expand(input_ids.shape[0], -1), dim=1, group=group)
+    with torch.no_grad(), hf_striped.context_parallel(group):
+        first = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        second = model(input_ids=ids, position_ids=pos if rank == 0 else pos.clone(), use_cache=False).logits
+    return torch.equal(first, second)

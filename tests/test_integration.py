@@ -121,3 +121,41 @@ def test_model_inside_context_alone_matches_sdpa(tiny_llama_dir):
     ours.train()
     with hf_striped.context_parallel(None), pytest.raises(NotImplementedError, match="dropout"):
         ours(input_ids=ids, position_ids=torch.arange(16).expand(2, -1))
+
+
+def test_mask_only_windows_and_custom_mask_functions_raise_inside_context():
+    """Some models apply a sliding window or chunked attention only through the mask function
+    (local_size), or add their own mask functions (Transformers then sets use_vmap); the ring
+    cannot honour either, so inside a context they must raise, not be dropped."""
+    base = dict(batch_size=1, q_length=8, kv_length=8, attention_mask=None)
+    with hf_striped.context_parallel(None):
+        assert striped_ring_mask(**base, local_size=8) is None  # a window as long as the sequence is causal
+        with pytest.raises(NotImplementedError, match="sliding window or attention chunk of 4 tokens"):
+            striped_ring_mask(**base, local_size=4)
+        with pytest.raises(NotImplementedError, match="model-specific attention mask functions"):
+            striped_ring_mask(**base, use_vmap=True)
+
+
+def test_mask_only_sliding_window_through_a_real_model(tmp_path):
+    """Qwen2-MoE passes its window to the mask only, never to the attention function."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=2, num_experts_per_tok=1, use_sliding_window=True, sliding_window=4, max_window_layers=0,
+        layer_types=["sliding_attention"] * 2,
+    )
+    Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path)
+    model = load(tmp_path, "striped_ring").eval()
+    ids = torch.randint(0, 64, (1, 16))
+    with torch.no_grad(), hf_striped.context_parallel(None), pytest.raises(NotImplementedError, match="sliding window"):
+        model(input_ids=ids, position_ids=torch.arange(16)[None])
+
+
+def test_sliding_window_on_the_module_raises_inside_context():
+    module = _Module()
+    module.sliding_window = 4
+    q, k, v = _qkv()
+    with hf_striped.context_parallel(None), pytest.raises(NotImplementedError, match="sliding window"):
+        striped_ring_attention_forward(module, q, k, v, None, position_ids=torch.arange(8)[None])

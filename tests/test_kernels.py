@@ -94,3 +94,22 @@ def test_cuda_kernels_against_float64(name, d):
         outb.backward(do)
         for ours, ref, base in ((out, out64, outb), (lse, lse64, lseb), (dq, q64.grad, qb.grad), (dk, k64.grad, kb.grad), (dv, v64.grad, vb.grad)):
             assert max_err(ours, ref) <= 2 * max_err(base, ref) + 1e-5
+
+
+def test_flash_attn_parameter_names_survive_custom_op_wrapping():
+    """flash-attn >= 2.7 wraps its internals in torch.library.custom_op, whose own signature is
+    (*args, **kwargs); the adapter must still see the real parameter names."""
+    from hf_striped.kernels.flash_attn import _params, _window_args
+
+    @torch.library.custom_op("hf_striped_test::fake_fwd", mutates_args=())
+    def fake_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
+                 causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+                 alibi_slopes: torch.Tensor | None, return_softmax: bool) -> torch.Tensor:
+        return q.clone()
+
+    params = _params(fake_fwd)
+    assert {"q", "softmax_scale", "window_size_left", "softcap"} <= params
+    assert _window_args(params) == dict(window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None)
+    args = dict(q=torch.ones(1), k=torch.ones(1), v=torch.ones(1), dropout_p=0.0, softmax_scale=1.0, causal=True,
+                return_softmax=False, **_window_args(params))
+    assert torch.equal(fake_fwd(**{key: val for key, val in args.items() if key in params}), torch.ones(1))
