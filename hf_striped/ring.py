@@ -233,7 +233,7 @@ def ring_attention_inprocess(
     if not world or len(ks) != world or len(vs) != world:
         raise ValueError("qs, ks and vs must be non-empty lists of the same length (one entry per rank)")
     scale, kernel = _prepare(qs[0], ks[0], vs[0], layout, softmax_scale, backend)
-    for q, k, v in zip(qs, ks, vs):
+    for q, k, v in zip(qs[1:], ks[1:], vs[1:]):  # rank 0's were checked by _prepare
         _check_qkv(q, k, v)
         if q.shape != qs[0].shape or k.shape != ks[0].shape:
             raise ValueError("every virtual rank must hold shards of the same shape")

@@ -14,7 +14,7 @@ runs it:
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,14 +45,12 @@ class CommStats:
     messages: int = 0
     bytes_sent: int = 0
     largest_message: int = 0
-    sizes: list[int] = field(default_factory=list)
 
     def record(self, tensors: tuple[torch.Tensor, ...]) -> None:
         n = sum(t.numel() * t.element_size() for t in tensors)
         self.messages += 1
         self.bytes_sent += n
         self.largest_message = max(self.largest_message, n)
-        self.sizes.append(n)
 
 
 def run_dist(gen: Schedule, group: dist.ProcessGroup) -> Any:
