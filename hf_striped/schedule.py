@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import blocks
+from .layout import Block, blocks
 from .merge import merge_
 from .transport import Post, Schedule, Wait
 
@@ -24,15 +24,83 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _accumulate(total, part, rows: slice, shape, dtype):
-    """``total[:, rows] += part``, starting from ``part`` itself (no zero-filled buffer) when
-    it covers every row; ``total`` is ``None`` before the first block of a step."""
+def kernel_split(kernel, split: int | None = None) -> int:
+    """The causal split (see :func:`hf_striped.layout.blocks`) to use with ``kernel``: ``split``
+    if given, else the kernel's ``causal_split`` attribute (0, no split, when it has none)."""
+    return int(getattr(kernel, "causal_split", 0)) if split is None else int(split)
+
+
+def _rows(x: torch.Tensor, sl: slice, blk: Block) -> torch.Tensor:
+    """Rows ``sl`` (dim 1) of every piece of ``blk``, pieces folded into the batch:
+    ``[b, c, ...] -> [b * count, L, ...]``. A view when ``x`` is contiguous in its first two
+    dims (pieces tile the sequence, so the batch and piece strides merge); a copy otherwise."""
+    if blk.count == 1:
+        return x[:, sl]
+    start, stop, _ = sl.indices(x.shape[1])
+    length = stop - start
+    span = (blk.count - 1) * blk.period + length
+    return x.narrow(1, start, span).unfold(1, length, blk.period).movedim(-1, 2).flatten(0, 1)
+
+
+def _target(x: torch.Tensor, sl: slice, blk: Block) -> torch.Tensor:
+    """:func:`_rows` of an accumulator, which must come back as a view (writes go through it)."""
+    y = _rows(x, sl, blk)
+    if blk.count > 1 and not y._is_view():  # pragma: no cover - accumulators are contiguous
+        raise AssertionError("batched block rows of an accumulator must be a view")
+    return y
+
+
+def _lse_rows(lse: torch.Tensor, sl: slice, blk: Block) -> torch.Tensor:
+    """:func:`_rows` for a log-sum-exp ``[b, h, c]`` (sequence in dim 2): ``[b * count, h, L]``."""
+    if blk.count == 1:
+        return lse[:, :, sl]
+    return _rows(lse.transpose(1, 2), sl, blk).transpose(1, 2)
+
+
+def forward_step(q, k, v, out, lse_t, blks: list[Block], kernel, scale: float) -> None:
+    """Fold one K/V block (the kernel calls ``blks``) into the running result, in place.
+
+    ``q`` ``[b, c, h, d]``; ``k``/``v`` ``[b, c, hk, d]``; ``out`` ``[b, c, h, d]`` and ``lse_t``
+    ``[b, c, h]`` (the log-sum-exp stored sequence-major, so batched pieces fold as views) are
+    contiguous float32/float64 accumulators. This is the whole compute of one ring step; the
+    benchmark times it per (rank, step)."""
+    for blk in blks:
+        o_b, lse_b = kernel.forward(_rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale)
+        merge_(_target(out, blk.q, blk), _target(lse_t, blk.q, blk).transpose(1, 2), o_b, lse_b)
+
+
+def _accumulate(total, part, blk: Block, only: bool, shape, dtype):
+    """``total[rows of blk] += part``; ``total`` is ``None`` before the first call of a step.
+    A step's only call covering every row starts from ``part`` itself (no zero-filled buffer)."""
     if total is None:
-        if part.shape[1] == shape[1]:
+        if only and blk.count == 1 and part.shape[1] == shape[1]:
             return part.to(dtype)  # the kernel's fresh output (or its float32 copy): ours to modify
         total = torch.zeros(shape, dtype=dtype, device=part.device)
-    total[:, rows] += part
+    _target(total, blk.k, blk).add_(part)
     return total
+
+
+def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale: float, acc: torch.dtype):
+    """One ring step's backward: adds this K/V block's share to ``dq`` (contiguous, ``acc``
+    dtype) in place and returns its partial ``(dk, dv)`` (``None`` when nothing is visible).
+    ``out``/``lse`` are the final output and log-sum-exp ``[b, h, c]`` of the local rows."""
+    dk = dv = None
+    only = len(blks) == 1
+    for blk in blks:
+        dq_b, dk_b, dv_b = kernel.backward(
+            _rows(dout, blk.q, blk),
+            _rows(q, blk.q, blk),
+            _rows(k, blk.k, blk),
+            _rows(v, blk.k, blk),
+            _rows(out, blk.q, blk),
+            _lse_rows(lse, blk.q, blk),
+            blk.causal,
+            scale,
+        )
+        _target(dq, blk.q, blk).add_(dq_b)
+        dk = _accumulate(dk, dk_b, blk, only, k.shape, acc)
+        dv = _accumulate(dv, dv_b, blk, only, v.shape, acc)
+    return dk, dv
 
 
 def forward_schedule(
@@ -46,26 +114,26 @@ def forward_schedule(
     causal: bool,
     scale: float,
     kernel,
+    split: int | None = None,
 ) -> Schedule:
     """One rank's forward ring. Returns ``(out, lse)``: the merged output ``[b, c, h, d]`` and
-    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype."""
+    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype.
+    ``split``: causal split of the blocks (default: the kernel's ``causal_split``)."""
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
+    split = kernel_split(kernel, split)
     out = torch.zeros(b, c, h, v.shape[-1], dtype=acc, device=q.device)
-    lse = torch.full((b, h, c), float("-inf"), dtype=acc, device=q.device)
+    lse_t = torch.full((b, c, h), float("-inf"), dtype=acc, device=q.device)
     kv = (k, v)
     for step in range(world_size):
         last = step == world_size - 1
         if not last:
             ticket = yield Post(kv)
         source = (rank - step) % world_size
-        for blk in blocks(layout, rank, source, world_size, c, causal):
-            ks, vs = kv[0][:, blk.k], kv[1][:, blk.k]
-            o_b, lse_b = kernel.forward(q[:, blk.q], ks, vs, blk.causal, scale)
-            merge_(out[:, blk.q], lse[:, :, blk.q], o_b, lse_b)
+        forward_step(q, kv[0], kv[1], out, lse_t, blocks(layout, rank, source, world_size, c, causal, split=split), kernel, scale)
         if not last:
             kv = yield Wait(ticket)
-    return out, lse
+    return out, lse_t.transpose(1, 2).contiguous()
 
 
 def backward_schedule(
@@ -82,10 +150,12 @@ def backward_schedule(
     causal: bool,
     scale: float,
     kernel,
+    split: int | None = None,
 ) -> Schedule:
     """One rank's backward ring. Returns ``(dq, dk, dv)`` in the dtypes of q, k, v."""
     c = q.shape[1]
     acc = _acc_dtype(q.dtype)
+    split = kernel_split(kernel, split)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = (k, v)
     dkv_ticket = None
@@ -94,21 +164,8 @@ def backward_schedule(
         if not last:
             kv_ticket = yield Post(kv)
         source = (rank - step) % world_size
-        dk = dv = None
-        for blk in blocks(layout, rank, source, world_size, c, causal):
-            dq_b, dk_b, dv_b = kernel.backward(
-                dout[:, blk.q],
-                q[:, blk.q],
-                kv[0][:, blk.k],
-                kv[1][:, blk.k],
-                out[:, blk.q],
-                lse[:, :, blk.q],
-                blk.causal,
-                scale,
-            )
-            dq[:, blk.q] += dq_b
-            dk = _accumulate(dk, dk_b, blk.k, k.shape, acc)
-            dv = _accumulate(dv, dv_b, blk.k, v.shape, acc)
+        blks = blocks(layout, rank, source, world_size, c, causal, split=split)
+        dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, blks, kernel, scale, acc)
         if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)

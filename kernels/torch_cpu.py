@@ -33,6 +33,7 @@ def _compute(*xs):
 class TorchCPUKernel:
     name = "torch_cpu"
     backward_in_float32 = True  # the ring then saves its unrounded float32 output for backward
+    causal_split = 0  # leaf length for splitting causal blocks (hf_striped.layout.blocks); 0: none
 
     def unsupported_reason(self, q, k, v):
         if q.device.type != "cpu":
