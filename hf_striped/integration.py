@@ -7,10 +7,19 @@ would skip mask creation for an unknown implementation and silently drop padding
 Outside :func:`hf_striped.context_parallel` both delegate to the ``sdpa`` entries, so a model
 loaded with ``striped_ring`` behaves exactly like ``sdpa`` (padding, generation with a cache).
 Inside it, attention runs as ring attention over the context's group, and features the ring
-does not implement raise ``NotImplementedError`` naming the feature.
+does not implement raise ``NotImplementedError`` naming the feature. On a model's first forward
+inside a context the family registry (``hf_striped.patches``) is consulted: refused families
+raise before any attention runs, untested ones warn once.
+
+Logit soft-capping (Gemma 2) and attention sinks (gpt-oss ``s_aux``) run exactly inside a
+context; outside one, where ``sdpa`` would reject the first and silently drop the second, such
+calls go to the model's own eager attention.
 """
 
 from __future__ import annotations
+
+import sys
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -18,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import active_context, state_for_attention_call
+from .patches import check_model
 from .ring import ring_attention
 
 ATTN_IMPLEMENTATION = "striped_ring"
@@ -37,10 +47,6 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
         )
     if kwargs.get("output_attentions"):
         _refuse("output_attentions", "The full attention matrix is never formed on one rank; drop output_attentions=True.")
-    if kwargs.get("softcap") is not None:
-        _refuse("attention logit soft-capping (softcap)", "Run this model without context parallelism.")
-    if kwargs.get("s_aux") is not None:
-        _refuse("attention sinks (s_aux)", "Run this model without context parallelism.")
     if kwargs.get("position_bias") is not None:
         _refuse("additive position bias", "Run this model without context parallelism.")
     is_causal = kwargs.get("is_causal")
@@ -69,6 +75,47 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
         )
 
 
+_CHECKED_CONFIGS: dict[int, weakref.ref] = {}
+
+
+def _check_model_once(config) -> None:
+    """The family registry's verdict, once per config object (every layer shares one)."""
+    if config is None:
+        return
+    key = id(config)
+    ref = _CHECKED_CONFIGS.get(key)
+    if ref is not None and ref() is config:
+        return
+    check_model(config)
+    try:
+        _CHECKED_CONFIGS[key] = weakref.ref(config, lambda _r, key=key: _CHECKED_CONFIGS.pop(key, None))
+    except TypeError:  # not weak-referenceable: check again next time (cheap)
+        pass
+
+
+def _eager_outside_context(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """Soft-capping or sinks outside a context: the model's own eager attention (what
+    ``attn_implementation="eager"`` runs), given the additive mask it expects. ``attention_mask``
+    is what ``sdpa_mask`` built: a boolean mask (True = attend), or ``None`` when the pattern is
+    plain causal (query i sees keys up to ``kv_len - q_len + i``)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"striped_ring got softcap/s_aux from {type(module).__name__}, whose module has no "
+            "eager_attention_forward to run them outside hf_striped.context_parallel; load the model "
+            "with attn_implementation='eager' for use outside a context."
+        )
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = attention_mask[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
+        )
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def striped_ring_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -83,7 +130,10 @@ def striped_ring_attention_forward(
     ``[b, kv_heads, s, d]`` (not repeated for GQA); returns ``([b, s, heads, d], None)``."""
     state = state_for_attention_call(kwargs.get("position_ids"))
     if state is None:
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return _eager_outside_context(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _check_model_once(getattr(module, "config", None))
     _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
     state.check_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
     out = ring_attention(
@@ -95,6 +145,8 @@ def striped_ring_attention_forward(
         causal=True,
         softmax_scale=scaling,
         backend=state.backend,
+        softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux"),
     )
     return out, None
 
@@ -106,13 +158,14 @@ def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
     positions each rank holds must not be mistaken for packed documents (Transformers would
     otherwise build a document mask from them). What only a mask could express is refused:
     padding that hides tokens, windows or chunks shorter than the sequence, and model-specific
-    mask functions. Transformers calls this once per forward on every rank, which also makes
+    mask functions. Refused model families (``hf_striped.patches``) raise here, before any layer. Transformers calls this once per forward on every rank, which also makes
     it the point where the per-forward position check is reset.
     """
     state = active_context()
     if state is None:
         return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
     state.new_forward()
+    _check_model_once(kwargs.get("config"))  # before any layer runs
     n = kwargs.get("q_length", 0) * state.world_size
     local = kwargs.get("local_size")
     if local is not None and local < n:

@@ -3,11 +3,14 @@ public function (the three layers flash-attention uses)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .kernels import select_kernel
+from .kernels.reference import ReferenceKernel
 from .layout import check_layout
 from .schedule import backward_schedule, forward_schedule
 from .transport import CommStats, run_dist, run_inprocess
@@ -66,6 +69,25 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _apply_sinks(out_acc: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """Attention sinks after the ring merge: one extra logit ``sinks[h]`` per query head joins
+    every row's softmax denominator and carries no value, so ``out * sigmoid(lse - sink)`` and
+    ``lse' = logaddexp(lse, sink)``. Returns ``(out', lse')`` in the accumulation dtype."""
+    s = sinks.detach().to(lse.dtype)[None, :, None]
+    lse_f = torch.logaddexp(lse, s)
+    keep = torch.exp(lse - lse_f)  # sigmoid(lse - sink); 0 for rows that see no key
+    return out_acc * keep.transpose(1, 2)[..., None].to(out_acc.dtype), lse_f
+
+
+def _sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks for this rank's rows: the sink is a key with value 0, so its score
+    gradient is ``p_sink * (0 - rowsum(dout * out))`` with ``p_sink = exp(sink - lse')``."""
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [b, h, c]
+    p_sink = torch.exp(sinks.detach().to(acc)[None, :, None] - lse)
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 def _run(gen, group):
     if group is None or dist.get_world_size(group) == 1:
         return run_inprocess([gen])[0]
@@ -76,15 +98,19 @@ class _RingAttention(torch.autograd.Function):
     """One rank's ring attention over a ``torch.distributed`` group (or alone for ``None``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, causal, scale, kernel):
+    def forward(ctx, q, k, v, sinks, group, layout, causal, scale, kernel):
         rank, world = group_rank_size(group)
         q, k, v = _last_dim_contiguous(q), k.contiguous(), v.contiguous()
         gen = forward_schedule(
             q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel
         )
         out_acc, lse = _run(gen, group)
+        if sinks is not None:
+            # Backward with the sink-inclusive (out, lse) gives exact dq/dk/dv: every block's
+            # probabilities exp(s - lse') are then the sink-inclusive softmax.
+            out_acc, lse = _apply_sinks(out_acc, lse, sinks)
         out = out_acc.to(q.dtype)
-        ctx.save_for_backward(q, k, v, _out_for_backward(kernel, out_acc, out), lse)
+        ctx.save_for_backward(q, k, v, _out_for_backward(kernel, out_acc, out), lse, sinks)
         ctx.args = (group, rank, world, layout, causal, scale, kernel)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -92,14 +118,16 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         group, rank, world, layout, causal, scale, kernel = ctx.args
+        dout = _last_dim_contiguous(dout)
         gen = backward_schedule(
-            _last_dim_contiguous(dout), q, k, v, out, lse,
+            dout, q, k, v, out, lse,
             rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
         )
         dq, dk, dv = _run(gen, group)
-        return dq, dk, dv, None, None, None, None, None
+        dsinks = _sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None, None, None, None
 
 
 class _InProcessRingAttention(torch.autograd.Function):
@@ -148,7 +176,29 @@ class _InProcessRingAttention(torch.autograd.Function):
         return (None, *dqs, *dks, *dvs)
 
 
-def _prepare(q, k, v, layout, softmax_scale, backend):
+_SOFTCAP_WARNED: set[str] = set()
+
+
+def _softcap_kernel(softcap: float, backend: str) -> ReferenceKernel:
+    """Soft-capping needs a kernel that caps scores before the softmax; of ours only the plain
+    reference kernel does (it materialises each block's scores)."""
+    if backend not in ("auto", "reference") and backend not in _SOFTCAP_WARNED:
+        _SOFTCAP_WARNED.add(backend)
+        warnings.warn(
+            f"hf_striped: backend {backend!r} cannot soft-cap attention logits; using the 'reference' kernel",
+            RuntimeWarning, stacklevel=4,
+        )
+    if "speed" not in _SOFTCAP_WARNED:
+        _SOFTCAP_WARNED.add("speed")
+        warnings.warn(
+            "hf_striped: attention logit soft-capping runs on the plain PyTorch 'reference' kernel, which "
+            "materialises every block's scores: exact, but much slower and hungrier than a fused kernel",
+            RuntimeWarning, stacklevel=4,
+        )
+    return ReferenceKernel(softcap=softcap)
+
+
+def _prepare(q, k, v, layout, softmax_scale, backend, softcap=None):
     check_layout(layout)
     _check_qkv(q, k, v)
     if layout == "zigzag" and q.shape[1] % 2:
@@ -157,7 +207,16 @@ def _prepare(q, k, v, layout, softmax_scale, backend):
             f"{q.shape[1]}. Shard with hf_striped.shard(..., layout='zigzag'), which checks the length."
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if softcap is not None:
+        if not softcap > 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
+        return scale, _softcap_kernel(softcap, backend)
     return scale, select_kernel(backend, q, k, v)
+
+
+def _check_sinks(sinks, q):
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != q.shape[2]):
+        raise ValueError(f"sinks must be one logit per query head, shape [{q.shape[2]}]; got {tuple(sinks.shape)}")
 
 
 def ring_attention_with_lse(
@@ -170,11 +229,14 @@ def ring_attention_with_lse(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` that also returns the float32 log-sum-exp ``[batch, heads, seq_local]``
-    of every local query row (not differentiable)."""
-    scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend)
-    return _RingAttention.apply(q, k, v, group, layout, causal, scale, kernel)
+    of every local query row (not differentiable; it includes the sinks when given)."""
+    scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend, softcap)
+    _check_sinks(sinks, q)
+    return _RingAttention.apply(q, k, v, sinks, group, layout, causal, scale, kernel)
 
 
 def ring_attention(
@@ -187,6 +249,8 @@ def ring_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -203,12 +267,18 @@ def ring_attention(
             locally); ``False`` attends to every token.
         softmax_scale: defaults to ``head_dim ** -0.5``.
         backend: block kernel, ``"auto"`` or a name from ``hf_striped.kernels.BACKENDS``.
+        softcap: Gemma 2 logit soft-capping (``cap * tanh(scores / cap)``); runs on the plain
+            ``reference`` kernel (exact but slow; warns once).
+        sinks: gpt-oss attention sinks ``[heads]``, one logit per query head that joins every
+            row's softmax denominator and carries no value; differentiable (its gradient is
+            this rank's part: all-reduce it over the group like any replicated parameter).
 
     Returns:
         The attention output shaped like ``q``, in ``q.dtype``, differentiable in q, k, v.
     """
     return ring_attention_with_lse(
-        q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale, backend=backend
+        q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale, backend=backend,
+        softcap=softcap, sinks=sinks,
     )[0]
 
 
@@ -222,17 +292,19 @@ def ring_attention_inprocess(
     softmax_scale: float | None = None,
     backend: str = "auto",
     stats: list[CommStats] | None = None,
+    softcap: float | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the same ring schedule for ``len(qs)`` virtual ranks in this process.
 
     ``qs[r]``/``ks[r]``/``vs[r]`` are rank r's shards (see :func:`hf_striped.layout.shard_local`).
     Returns ``(outs, lses)``, per rank; outputs are differentiable. ``stats``, if given (one
-    :class:`CommStats` per rank), records every message each rank sends.
+    :class:`CommStats` per rank), records every message each rank sends. ``softcap`` as in
+    :func:`ring_attention`.
     """
     world = len(qs)
     if not world or len(ks) != world or len(vs) != world:
         raise ValueError("qs, ks and vs must be non-empty lists of the same length (one entry per rank)")
-    scale, kernel = _prepare(qs[0], ks[0], vs[0], layout, softmax_scale, backend)
+    scale, kernel = _prepare(qs[0], ks[0], vs[0], layout, softmax_scale, backend, softcap)
     for q, k, v in zip(qs[1:], ks[1:], vs[1:]):  # rank 0's were checked by _prepare
         _check_qkv(q, k, v)
         if q.shape != qs[0].shape or k.shape != ks[0].shape:

@@ -8,9 +8,12 @@ import torch
 from .base import expand_kv, gqa_groups, reduce_kv_grad
 
 
-def _scores(q, k, causal: bool, scale: float, acc_dtype) -> torch.Tensor:
-    """Masked, scaled scores ``[b, h, sq, sk]`` in ``acc_dtype``."""
+def _scores(q, k, causal: bool, scale: float, acc_dtype, softcap: float | None = None) -> torch.Tensor:
+    """Masked, scaled (and, with ``softcap``, soft-capped: ``cap * tanh(s / cap)``) scores
+    ``[b, h, sq, sk]`` in ``acc_dtype``."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc_dtype), k.to(acc_dtype)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if causal:
         sq, sk = q.shape[1], k.shape[1]
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
@@ -29,10 +32,16 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceKernel:
-    """Math attention accumulating in float32 (float64 for float64 inputs)."""
+    """Math attention accumulating in float32 (float64 for float64 inputs).
+
+    ``softcap``: if set, scores are soft-capped as Gemma 2 does (``cap * tanh(s / cap)``
+    after scaling, before masking); the backward applies the chain rule through the tanh."""
 
     name = "reference"
     backward_in_float32 = True
+
+    def __init__(self, softcap: float | None = None):
+        self.softcap = None if softcap is None else float(softcap)
 
     def unsupported_reason(self, q, k, v):
         return None
@@ -41,7 +50,7 @@ class ReferenceKernel:
         g = gqa_groups(q, k)
         k, v = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
-        s = _scores(q, k, causal, scale, acc)
+        s = _scores(q, k, causal, scale, acc, self.softcap)
         lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
         p = _probs(s, lse)
         out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
@@ -51,26 +60,38 @@ class ReferenceKernel:
         g = gqa_groups(q, k)
         ke, ve = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
-        s = _scores(q, ke, causal, scale, acc)
+        s = _scores(q, ke, causal, scale, acc, self.softcap)
         p = _probs(s, lse.to(acc))
         do = dout.to(acc)
         dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
         dp = torch.einsum("bqhd,bkhd->bhqk", do, ve.to(acc))
         delta = (do * out.to(acc)).sum(-1).transpose(1, 2)  # [b, h, sq]
         ds = p * (dp - delta[..., None])
+        if self.softcap is not None:  # s = cap * tanh(raw / cap): d s / d raw = 1 - (s / cap)^2
+            ds = ds * (1 - (s.masked_fill(torch.isinf(s), 0.0) / self.softcap) ** 2)
         dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke.to(acc)) * scale
         dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc)) * scale
         return dq, reduce_kv_grad(dk, g), reduce_kv_grad(dv, g)
 
 
-def plain_attention(q, k, v, causal: bool = True, scale: float | None = None):
+def plain_attention(q, k, v, causal: bool = True, scale: float | None = None, softcap: float | None = None,
+                    sinks: torch.Tensor | None = None):
     """Differentiable attention computed entirely in the input dtype (no upcast), returning
-    ``(out, lse)``. This is the "same-dtype plain PyTorch" baseline of the exactness rule."""
+    ``(out, lse)``. This is the "same-dtype plain PyTorch" baseline of the exactness rule.
+
+    ``softcap``: Gemma 2 soft-capping. ``sinks`` ``[heads]``: gpt-oss attention sinks, one extra
+    logit per head that joins the softmax denominator and carries no value; ``lse`` then
+    includes it."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     g = gqa_groups(q, k)
     k, v = expand_kv(k, g), expand_kv(v, g)
-    s = _scores(q, k, causal, scale, q.dtype)
+    s = _scores(q, k, causal, scale, q.dtype, softcap)
+    if sinks is not None:
+        b, h, sq, _ = s.shape
+        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(b, h, sq, 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
     out = torch.einsum("bhqk,bkhd->bqhd", p, v)
     return out, lse

@@ -1,3 +1,9 @@
-"""Per-architecture adaptations for LlamaForCausalLM-style families (one small module per family
-that needs anything, plus a registry keyed by ``model_type``). Filled by the model-coverage work;
-until then only Llama-style models are exercised by the test suite."""
+"""Per-architecture support for ``striped_ring`` under context parallelism: a registry keyed by
+``model_type`` (:mod:`.registry`) and one small module per concern that needs more than the
+attention interface (:mod:`.rope`: length-dependent rotary types; :mod:`.moe`: router
+auxiliary loss). Nothing here rebinds Transformers internals: every supported family works
+through the registered attention and mask functions alone."""
+
+from .registry import REGISTRY, UNTESTED, Family, check_model, lookup
+
+__all__ = ["REGISTRY", "UNTESTED", "Family", "check_model", "lookup"]

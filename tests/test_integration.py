@@ -50,8 +50,6 @@ def _call(**kwargs):
     [
         (dict(dropout=0.1), "dropout"),
         (dict(output_attentions=True), "output_attentions"),
-        (dict(softcap=30.0), "softcap"),
-        (dict(s_aux=torch.zeros(4)), "sinks"),
         (dict(sliding_window=4), "sliding window"),
         (dict(is_causal=False), "non-causal"),
         (dict(attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)), "attention masks"),
@@ -159,3 +157,17 @@ def test_sliding_window_on_the_module_raises_inside_context():
     q, k, v = _qkv()
     with hf_striped.context_parallel(None), pytest.raises(NotImplementedError, match="sliding window"):
         striped_ring_attention_forward(module, q, k, v, None, position_ids=torch.arange(8)[None])
+
+
+@pytest.mark.filterwarnings("ignore:hf_striped. attention logit soft-capping:RuntimeWarning")
+@pytest.mark.parametrize("kwargs", [dict(softcap=0.7), dict(s_aux=torch.linspace(-1, 2, 4)), dict(softcap=1.5, s_aux=torch.ones(4))])
+def test_softcap_and_sinks_run_inside_context(kwargs):
+    """Formerly refused; now computed by the ring (exactness across ranks: test_patches_attention.py)."""
+    from hf_striped.kernels.reference import plain_attention
+
+    with hf_striped.context_parallel(None):
+        out, _ = _call(**kwargs)
+    q, k, v = (t.transpose(1, 2).double() for t in _qkv())
+    sinks = kwargs.get("s_aux")
+    ref, _ = plain_attention(q, k, v, True, 0.25, kwargs.get("softcap"), None if sinks is None else sinks.double())
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)

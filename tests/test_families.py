@@ -1,0 +1,255 @@
+"""Model coverage (hf_striped.patches): every family the registry marks supported or limited runs
+a tiny random model (2 layers, GQA) under CP = 2 and 3, striped layout, and its logits, per-token
+losses and every parameter's gradient equal one process within the exactness rule (reference:
+float64 single process; baseline: float32 single process, sdpa or, for families whose sdpa path
+is unsupported, eager). Refused families fail fast; the registry covers every family
+Transformers ships (Liger-Kernel-style), so a new release shows up here."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import dist_workers
+import hf_striped
+from hf_striped.patches import REGISTRY, UNTESTED, check_model
+import models
+from test_model_cp import _check
+
+BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, attention_dropout=0.0,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+SEQ = 48  # divisible by 2 and 3; every window below is >= SEQ (shorter ones are refused, see registry)
+
+# MoE families route every token to *all* experts here: with top-k < experts, a rounding-level
+# difference can flip an expert choice between the float64 reference and float32 (either side),
+# which is a discontinuity of the model, not an error of the ring. Routing is per token either way.
+FAMILIES: dict[str, tuple[str, dict, str]] = {
+    "llama": ("LlamaConfig", {}, "sdpa"),
+    "mistral": ("MistralConfig", dict(sliding_window=4096), "sdpa"),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=4), "sdpa"),
+    "qwen2": ("Qwen2Config", {}, "sdpa"),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {}, "sdpa"),  # q/k norms
+    "qwen3_moe": (
+        "Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True),
+        "sdpa",
+    ),
+    "gemma": ("GemmaConfig", {}, "sdpa"),  # scaled embeddings, tied
+    "gemma2": (  # soft-capping small enough to matter; alternating sliding/full layers
+        "Gemma2Config", dict(query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+                             sliding_window=512), "eager",
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig", dict(query_pre_attn_scalar=16, sliding_window=512,
+                                 layer_types=["sliding_attention", "full_attention"]), "sdpa",
+    ),
+    "phi3": ("Phi3Config", {}, "sdpa"),  # fused qkv
+    "olmo2": ("Olmo2Config", {}, "sdpa"),  # q/k norm over all heads
+    "granite": (
+        "GraniteConfig", dict(embedding_multiplier=2.0, logits_scaling=2.0, residual_multiplier=0.5,
+                              attention_multiplier=0.2), "sdpa",
+    ),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0]), "sdpa"),  # second layer has no RoPE
+    "cohere": ("CohereConfig", dict(use_qk_norm=True, logit_scale=0.5), "sdpa"),
+    "glm": ("GlmConfig", {}, "sdpa"),  # partial rotary
+    "gpt_oss": (  # attention sinks, alternating sliding/full layers
+        "GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=4, sliding_window=512), "eager",
+    ),
+}
+
+
+def build(model_type: str, path, seed: int = 0, **overrides):
+    cls_name, extra, _ = FAMILIES[model_type]
+    cfg = getattr(transformers, cls_name)(**{**BASE, **extra, **overrides})
+    assert cfg.model_type == model_type
+    torch.manual_seed(seed)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger-than-init weights so attention is far from uniform
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(path)
+    return path
+
+
+def test_every_registered_family_has_a_case_here():
+    exact = {t for t, f in REGISTRY.items() if f.status != "refused"}
+    assert exact == set(FAMILIES), "registry and FAMILIES disagree: " + str(exact ^ set(FAMILIES))
+    for family in REGISTRY.values():
+        name = family.test.split("::")[1].split("[")[0]
+        assert name in globals(), f"{family.model_type}: its registry test {family.test} does not exist"
+
+
+def _single_process_float64(path, batch, attn):
+    """models.single_process in float64. MoE experts default to torch's grouped matmul, which
+    has no float64 kernel; the reference runs them as a plain loop ("eager") instead."""
+    from transformers import AutoModelForCausalLM
+
+    original = models.load
+
+    def load(path, attn, dtype=torch.float32):
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype,
+                                                    experts_implementation="eager")
+
+    models.load = load
+    try:
+        return models.single_process(path, batch, attn, torch.float64)
+    finally:
+        models.load = original
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randint(3, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.filterwarnings("ignore:hf_striped. attention logit soft-capping:RuntimeWarning")
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_matches_single_process(dist_pool, tmp_path_factory, batch, model_type):
+    path = build(model_type, tmp_path_factory.mktemp(model_type))
+    attn = FAMILIES[model_type][2]
+    ref = _single_process_float64(path, batch, attn)
+    base = models.single_process(path, batch, attn, torch.float32)
+    for P in (2, 3):
+        per_rank = dist_pool(P).run(dist_workers.model_case, path, batch, "striped")
+        _check(f"{model_type} CP={P}", per_rank, "striped", ref, base)
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+def _striped(cfg):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="striped_ring").eval()
+
+
+def _run_inside_context(model, n=12):
+    ids = torch.randint(3, 100, (1, n))
+    with torch.no_grad(), hf_striped.context_parallel(None):
+        return model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False)
+
+
+def test_refused_families_fail_fast(monkeypatch):
+    """A hybrid (short-convolution layers mix tokens outside attention) raises the registry's
+    reason on the first forward, before any attention runs."""
+    from transformers import Lfm2Config
+
+    calls = []
+    monkeypatch.setattr(hf_striped.integration, "ring_attention", lambda *a, **k: calls.append(1))
+    cfg = Lfm2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"])
+    model = _striped(cfg)
+    with pytest.raises(NotImplementedError, match="'lfm2' cannot run under context parallelism: it has layers that mix"):
+        _run_inside_context(model)
+    assert not calls
+    for family in REGISTRY.values():
+        if family.status == "refused":
+            with pytest.raises(NotImplementedError, match=family.reason[:40]):
+                check_model(type("Cfg", (), {"model_type": family.model_type})())
+
+
+def test_length_dependent_rope_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{**BASE, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}})
+    model = _striped(cfg)
+    with pytest.raises(NotImplementedError, match="rope_type 'dynamic'"):
+        _run_inside_context(model)
+
+
+def test_router_aux_loss_warns_once_and_runs():
+    from transformers import MixtralConfig
+
+    import hf_striped.patches.moe as moe
+
+    moe._warned.discard("mixtral")
+    cfg = MixtralConfig(**{**BASE, "num_local_experts": 2, "num_experts_per_tok": 1, "output_router_logits": True})
+    model = _striped(cfg)
+    with pytest.warns(RuntimeWarning, match="router load-balancing loss"):
+        _run_inside_context(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run_inside_context(model)  # once per model type
+
+
+def test_untested_and_unknown_families_warn_once_and_run():
+    import hf_striped.patches.registry as registry
+
+    for model_type, listed in (("olmo", "listed as untested"), ("brand_new_arch", "not in the registry")):
+        registry._warned.discard(model_type)
+        cfg = type("Cfg", (), {"model_type": model_type})()
+        with pytest.warns(RuntimeWarning, match=listed):
+            check_model(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_model(cfg)
+
+
+# --- the registry tracks Transformers -------------------------------------------------------------
+
+
+def _causal_lm_types_using_attention_interface() -> set[str]:
+    """Model types with a causal-LM class whose modeling file dispatches through
+    ``ALL_ATTENTION_FUNCTIONS`` (read from source; nothing is imported)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = set()
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        spec = importlib.util.find_spec(f"transformers.models.{module}")
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = os.path.join(spec.submodule_search_locations[0], f"modeling_{module}.py")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                if "ALL_ATTENTION_FUNCTIONS" in f.read():
+                    found.add(model_type)
+    return found
+
+
+def test_registry_covers_every_transformers_family():
+    shipped = _causal_lm_types_using_attention_interface()
+    assert len(shipped) > 50, "the scan found too few families; has Transformers' layout changed?"
+    missing = sorted(shipped - set(REGISTRY) - set(UNTESTED))
+    assert not missing, (
+        f"Transformers {transformers.__version__} ships causal-LM families that hf_striped.patches.registry "
+        f"neither supports, refuses nor lists as untested: {missing}. Add each to REGISTRY (with a test) or UNTESTED."
+    )
+    assert not set(REGISTRY) & set(UNTESTED)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    stale = sorted((set(REGISTRY) | set(UNTESTED)) - set(CONFIG_MAPPING_NAMES))
+    assert not stale, f"registry entries Transformers no longer knows: {stale}"
+
+
+# --- outside a context: soft-capping and sinks must not be dropped ----------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss"])
+def test_softcap_and_sinks_outside_context_match_eager(tmp_path, model_type):
+    """sdpa rejects softcap and silently ignores s_aux; outside a context striped_ring runs the
+    model's own eager attention for them: identical logits with padding, identical generation."""
+    from models import load
+
+    path = build(model_type, tmp_path)
+    ours, eager = load(path, "striped_ring").eval(), load(path, "eager").eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = eager(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        ga = ours.generate(ids[1:], max_new_tokens=5, do_sample=False)
+        gb = eager.generate(ids[1:], max_new_tokens=5, do_sample=False)
+    assert torch.equal(ga, gb)
