@@ -1,0 +1,125 @@
+"""Soft-capping (Gemma 2) and attention sinks (gpt-oss ``s_aux``) through the ring, on real gloo
+groups, every layout: out, lse, dq, dk, dv and the sinks' gradient within the exactness rule
+(reference: float64 plain attention with the same softcap/sinks; baseline: plain attention in
+the inputs' dtype)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import hf_striped
+from exactness import Case, assert_exact
+from hf_striped.kernels.reference import plain_attention
+from hf_striped.layout import LAYOUTS, unshard_local
+from hf_striped.ring import ring_attention_with_lse
+
+VARIANTS = {"softcap": dict(softcap=1.5), "sinks": dict(sinks=True), "both": dict(softcap=3.0, sinks=True)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sinks(case: Case) -> torch.Tensor:
+    return torch.randn(case.heads, generator=torch.Generator().manual_seed(case.seed + 7)).to(case.dtype)
+
+
+def _inputs(case: Case):
+    q, k, v, dout = case.inputs()
+    return q * 2, k * 2, v, dout  # larger scores, so the cap bends them
+
+
+def _plain(case: Case, variant: dict, dtype):
+    """Plain attention (autograd) in ``dtype`` from the case's rounded inputs."""
+    q, k, v, dout = (t.to(dtype) for t in _inputs(case))
+    sinks = _sinks(case).to(dtype) if variant.get("sinks") else None
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    s = sinks.detach().clone().requires_grad_() if sinks is not None else None
+    out, lse = plain_attention(*leaves, True, None, variant.get("softcap"), s)
+    out.backward(dout)
+    res = dict(out=out.detach(), lse=lse.detach(), dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+    if s is not None:
+        res["dsinks"] = s.grad
+    return res
+
+
+def ring_variant_cases(rank, world, cases):
+    """Every (case, variant, layout) through ring attention over WORLD; this rank's results."""
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # the reference kernel's speed warning
+    group = dist.group.WORLD
+    results = []
+    for case, variant, layout in cases:
+        q, k, v, dout = _inputs(case)
+        ql, kl, vl, dl = (hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout))
+        for t in (ql, kl, vl):
+            t.requires_grad_()
+        sinks = _sinks(case).requires_grad_() if variant.get("sinks") else None
+        out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, softcap=variant.get("softcap"),
+                                           sinks=sinks)
+        out.backward(dl)
+        res = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+        if sinks is not None:
+            res["dsinks"] = sinks.grad
+        results.append(res)
+    return results
+
+
+def _cases():
+    return [
+        (Case(dtype=dtype, seed=i), VARIANTS[name], layout)
+        for i, (name, dtype) in enumerate((n, d) for n in VARIANTS for d in DTYPES.values())
+        for layout in LAYOUTS
+    ]
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_softcap_and_sinks_exact_across_ranks(dist_pool, P):
+    cases = _cases()
+    per_rank = [_alone(cases)] if P == 1 else dist_pool(P).run(ring_variant_cases, cases)
+    for i, (case, variant, layout) in enumerate(cases):
+        ours = {}
+        for name in ("out", "dq", "dk", "dv"):
+            ours[name] = unshard_local([r[i][name] for r in per_rank], 1, layout)
+        ours["lse"] = unshard_local([r[i]["lse"] for r in per_rank], 2, layout)
+        names = ["out", "lse", "dq", "dk", "dv"]
+        if variant.get("sinks"):
+            ours["dsinks"] = sum(r[i]["dsinks"].double() for r in per_rank)  # replicated parameter: sum over ranks
+            names.append("dsinks")
+        ref, base = _plain(case, variant, torch.float64), _plain(case, variant, case.dtype)
+        label = f"P={P} {layout} {case.dtype} " + ",".join(f"{k}={v}" for k, v in variant.items())
+        assert_exact(label, ours, ref, base, names)
+
+
+def _alone(cases):
+    """P = 1 without a process group (group=None)."""
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)
+    results = []
+    for case, variant, _layout in cases:
+        q, k, v, dout = _inputs(case)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        sinks = _sinks(case).requires_grad_() if variant.get("sinks") else None
+        out, lse = ring_attention_with_lse(*leaves, softcap=variant.get("softcap"), sinks=sinks)
+        out.backward(dout)
+        res = dict(out=out.detach(), lse=lse, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+        if sinks is not None:
+            res["dsinks"] = sinks.grad
+        results.append(res)
+    return results
+
+
+def test_softcap_warns_once_about_speed_and_bad_arguments_raise():
+    import hf_striped.ring as ring
+
+    ring._SOFTCAP_WARNED.clear()
+    q, k, v, _ = Case(batch=1, seq=8).inputs()
+    with pytest.warns(RuntimeWarning, match="soft-capping runs on the plain PyTorch 'reference' kernel"):
+        hf_striped.ring_attention(q, k, v, softcap=2.0)
+    with pytest.warns(RuntimeWarning, match="backend 'torch_cpu' cannot soft-cap"):
+        hf_striped.ring_attention(q, k, v, softcap=2.0, backend="torch_cpu")
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        hf_striped.ring_attention(q, k, v, softcap=0.0)
+    with pytest.raises(ValueError, match="one logit per query head"):
+        hf_striped.ring_attention(q, k, v, sinks=torch.zeros(q.shape[2] + 1))
