@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-LIMITATION = (
-    "the router load-balancing loss (output_router_logits=True) is computed from each rank's tokens "
-    "(warns once); the LM loss and its gradients are exact"
-)
+LIMITATION = "router aux loss (output_router_logits=True) is per rank (warns once); the LM loss is exact"
 _warned: set[str] = set()
 
 

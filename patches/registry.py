@@ -31,17 +31,11 @@ from . import moe, rope
 
 Status = Literal["supported", "limited", "refused"]
 
-WINDOW = (
-    "sliding-window layers need the window to cover the whole sequence (shorter windows are "
-    "refused until windowed striping lands)"
-)
+WINDOW = "sliding windows must cover the whole sequence (shorter ones are refused)"
 ROUTER_LOSS = moe.LIMITATION
 GLOBAL_LIMITATIONS: tuple[str, ...] = (rope.LIMITATION,)
 """Limitations every family shares (checked for registered, untested and unknown types alike)."""
-SOFTCAP = (
-    "attention logit soft-capping runs exactly on the plain PyTorch reference kernel "
-    "(slow, warns once)"
-)
+SOFTCAP = "soft-capping runs on the plain reference kernel (exact but slow; warns once)"
 HYBRID = (
     "it has layers that mix tokens outside attention (state-space, convolution or linear-attention "
     "layers); under sequence sharding each rank's layers would see only its own tokens"

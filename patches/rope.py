@@ -12,7 +12,7 @@ the rotary module's forward.
 from __future__ import annotations
 
 LENGTH_DEPENDENT = ("dynamic", "longrope")
-LIMITATION = "rope_type 'dynamic' or 'longrope' is refused (frequencies chosen from the positions each rank sees)"
+LIMITATION = "rope_type 'dynamic' and 'longrope' are refused (their frequencies depend on the positions each rank sees)"
 
 
 def rope_types(config) -> set[str]:
