@@ -1,0 +1,128 @@
+"""Hugging Face ``Trainer`` with context parallelism over ``striped_ring`` attention.
+
+    args = StripedTrainingArguments(output_dir="out", cp_size=2, ...)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="striped_ring")
+    StripedTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ev).train()
+
+launched with ``accelerate launch`` / ``torchrun`` on a multiple of ``cp_size`` processes. What it
+changes, and why (Transformers 5.x):
+
+* data: batches are sharded over data-parallel replicas only (Accelerate's ``BatchSamplerShard``
+  is told the replica count and index), and each rank's collator keeps its stripe of the global
+  batch (:class:`hf_striped.data.StripingCollator`, on top of the ``data_collator`` you pass);
+* loss: the Trainer's own ``num_items_in_batch`` path is already exact once the batch carries
+  ``shift_labels`` (it counts target tokens over all processes and multiplies the loss by the
+  process count before DDP averages gradients); we only run the forward inside the CP context;
+* evaluation: each batch's loss is the mean over the *whole* sequence (summed over the CP group),
+  so ``eval_loss`` equals the one-process value;
+* Transformers' own CP path (``parallelism_config``) is SDPA-only and bypassed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import EvalLoopOutput
+
+from .data import IGNORE_INDEX
+from .integration import ATTN_IMPLEMENTATION
+from .parallel import ContextParallel
+
+
+@dataclass
+class StripedTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the context-parallel settings."""
+
+    cp_size: int = field(default=1, metadata={"help": "Processes per context-parallel group; must divide the world size."})
+    cp_layout: str = field(default="striped", metadata={"help": "Token layout: striped, contiguous or zigzag."})
+    cp_backend: str = field(default="auto", metadata={"help": "Block kernel (hf_striped.kernels.BACKENDS)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cp_size > 1 and not self.average_tokens_across_devices:
+            raise ValueError(
+                "cp_size > 1 needs average_tokens_across_devices=True: each rank holds only part of every "
+                "sequence, so the loss must be normalised by the token count over all processes"
+            )
+
+
+class StripedTrainer(Trainer):
+    """A ``Trainer`` whose training and evaluation run context-parallel when ``args.cp_size > 1``."""
+
+    def __init__(self, *args, **kwargs):
+        user_collator = kwargs.get("data_collator")
+        super().__init__(*args, **kwargs)
+        a = self.args
+        self.cp = ContextParallel(getattr(a, "cp_size", 1), layout=getattr(a, "cp_layout", "striped"), backend=getattr(a, "cp_backend", "auto"))
+        if self.cp.cp_size == 1:
+            return
+        config = self.model.config
+        if config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"cp_size={self.cp.cp_size} needs the model loaded with attn_implementation={ATTN_IMPLEMENTATION!r} "
+                f"(got {config._attn_implementation!r}): import hf_striped, then from_pretrained(..., "
+                f"attn_implementation={ATTN_IMPLEMENTATION!r})"
+            )
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None and self.processing_class is not None:
+            pad = getattr(self.processing_class, "pad_token_id", None)
+        self.data_collator = self.cp.collator(
+            pad_token_id=pad if pad is not None else 0,
+            base_collator=user_collator,
+            max_length=getattr(config, "max_position_embeddings", None),
+        )
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def _get_dataloader(self, *args, **kwargs):
+        loader = super()._get_dataloader(*args, **kwargs)
+        if self.cp.cp_size > 1:  # shard over data-parallel replicas, not over every process
+            for shard in (getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)):
+                if hasattr(shard, "num_processes") and hasattr(shard, "process_index"):
+                    shard.num_processes, shard.process_index = self.cp.dp_size, self.cp.dp_rank
+        return loader
+
+    def _prepare_context_parallel_inputs(self, model, inputs):
+        import contextlib
+
+        return contextlib.nullcontext, inputs  # Transformers' SDPA-only CP path is not used
+
+    # -- loss ---------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.cp.cp_size == 1:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs = self.cp.check_batch(inputs)
+        with self.cp.context():
+            return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.cp.cp_size == 1:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.compute_metrics is not None:
+            raise NotImplementedError(
+                "compute_metrics with cp_size > 1 is not supported yet (predictions live on several ranks); "
+                "evaluate the loss only, or compute metrics on logits gathered with trainer.cp.gather(...)"
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)  # sum over rows of each row's batch-mean loss, rows
+        for inputs in dataloader:
+            inputs = self.cp.check_batch(self._prepare_inputs(inputs))
+            labels = inputs["shift_labels"]
+            with torch.no_grad(), self.cp.context():
+                logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            both = torch.stack([loss_sum.detach().double().cpu(), labels.ne(IGNORE_INDEX).sum().double().cpu()])
+            dist.all_reduce(both, group=self.cp.cp_group)  # the whole sequences' loss sum and token count
+            rows = labels.shape[0]
+            total += torch.stack([both[0] / both[1].clamp_min(1) * rows, torch.tensor(rows, dtype=torch.float64)])
+        if self.cp.dp_size > 1:
+            dist.all_reduce(total, group=self.cp.dp_group)
+        metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp_min(1))}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(total[1]))
