@@ -15,12 +15,34 @@ if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_fil
     __path__.append(str(_here.parent))  # noqa: F821 - the package's own __path__
 
 from .context import context_parallel  # noqa: E402
+from .data import StripingCollator  # noqa: E402
 from .integration import ATTN_IMPLEMENTATION, register  # noqa: E402
 from .layout import LAYOUTS  # noqa: E402
+from .parallel import ContextParallel  # noqa: E402
 from .ring import ring_attention  # noqa: E402
 from .sharding import shard, unshard  # noqa: E402
 
 register()
 
-__all__ = ["ATTN_IMPLEMENTATION", "LAYOUTS", "context_parallel", "register", "ring_attention", "shard", "unshard"]
 __version__ = "0.1.0"
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "LAYOUTS",
+    "ContextParallel",
+    "StripedTrainer",
+    "StripedTrainingArguments",
+    "StripingCollator",
+    "context_parallel",
+    "register",
+    "ring_attention",
+    "shard",
+    "unshard",
+]
+
+
+def __getattr__(name):  # the Trainer integration imports transformers.Trainer: only on first use
+    if name in ("StripedTrainer", "StripedTrainingArguments"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_striped' has no attribute {name!r}")

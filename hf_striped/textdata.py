@@ -15,7 +15,7 @@ import datasets
 _BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def default_text_files(max_chars: int = 2_000_000) -> list[Path]:
+def default_text_files(max_chars: int = 600_000) -> list[Path]:
     """Source files of the installed ``transformers`` package, in a fixed order, up to ``max_chars``."""
     root = Path(importlib.util.find_spec("transformers").submodule_search_locations[0])
     files, total = [], 0

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cp-size", type=int, default=2, help="processes per context-parallel group; must divide the world size")
     p.add_argument("--layout", default="striped", choices=["striped", "contiguous", "zigzag"])
     p.add_argument("--backend", default="auto", help="block kernel (hf_striped.kernels.BACKENDS)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per data-parallel replica per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=5e-5)
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="outputs/train")
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint every k steps (0: never)")
+    p.add_argument("--save-every", type=int, default=6, help="checkpoint every k steps (0: never)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", default="auto", help="'auto' (newest complete checkpoint in --output-dir), 'never', or a checkpoint path")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the final folder to this Hub model repo")
@@ -114,9 +114,12 @@ def main(argv=None) -> int:
         cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.precision == "bf16" else "no"
     )
     main_proc = accelerator.is_main_process
-    if not main_proc:
+    if not main_proc:  # one progress display: rank 0's
+        import datasets
+
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     say = accelerator.print
     set_seed(args.seed)
     cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend)
