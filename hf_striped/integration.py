@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import active_context, state_for_attention_call
 from .patches import check_model
+from .patches import rope as _rope
 from .ring import ring_attention
 
 ATTN_IMPLEMENTATION = "striped_ring"
@@ -133,9 +134,13 @@ def striped_ring_attention_forward(
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
             return _eager_outside_context(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    _check_model_once(getattr(module, "config", None))
+    config = getattr(module, "config", None)
+    _check_model_once(config)
     _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
     state.check_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
+    if config is not None:  # longrope's factor choice must agree across ranks (patches/rope.py)
+        _rope.check_forward(config, kwargs["position_ids"], layout=state.layout, rank=state.rank,
+                            world_size=state.world_size, seq_local=query.shape[2])
     out = ring_attention(
         query.transpose(1, 2),
         key.transpose(1, 2),

@@ -157,6 +157,76 @@ def test_refused_families_fail_fast(monkeypatch):
                 check_model(type("Cfg", (), {"model_type": family.model_type})())
 
 
+LONGROPE = dict(  # switch at 32 positions: the 48-token test sequence uses the long factors
+    original_max_position_embeddings=32,
+    rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=32,
+                         short_factor=[1.0 + 0.1 * i for i in range(8)], long_factor=[1.0 + 0.9 * i for i in range(8)]),
+)
+
+
+def test_longrope_under_striping_matches_single_process(dist_pool, tmp_path, batch):
+    """Phi-3 long-context checkpoints use longrope. Under the striped layout every rank holds one
+    of the last P positions, so each picks the long factors exactly as one process does."""
+    path = build("phi3", tmp_path, **LONGROPE)
+    ref = _single_process_float64(path, batch, "sdpa")
+    base = models.single_process(path, batch, "sdpa", torch.float32)
+    for P in (2, 3):
+        per_rank = dist_pool(P).run(dist_workers.model_case, path, batch, "striped")
+        _check(f"phi3 longrope CP={P}", per_rank, "striped", ref, base)
+
+
+def longrope_refusal(rank, world, model_dir, input_ids, layout):
+    """Forward inside the context; the NotImplementedError text, or None."""
+    import torch.distributed as dist
+
+    model = dist_workers._load(model_dir, torch.float32)
+    group = dist.group.WORLD
+    b, n = input_ids.shape
+    ids, pos = (hf_striped.shard(t, dim=1, group=group, layout=layout)
+                for t in (input_ids, torch.arange(n).expand(b, -1)))
+    try:
+        with torch.no_grad(), hf_striped.context_parallel(group, layout=layout):
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+def test_longrope_disagreement_is_refused_on_every_rank(dist_pool, tmp_path, batch):
+    """Contiguous layout: rank 0 holds positions 0..23, below the switch, and would pick the
+    short factors. Every rank must raise (none may wait in the ring)."""
+    path = build("phi3", tmp_path, **LONGROPE)
+    messages = dist_pool(2).run(longrope_refusal, path, batch, "contiguous")
+    assert all(m is not None and "rank(s) [0] hold no position past the switch" in m for m in messages), messages
+
+
+def test_longrope_check_arithmetic():
+    from hf_striped.patches import rope
+
+    cfg = transformers.Phi3Config(**{**BASE, **LONGROPE})
+    n, P = 48, 2
+
+    def runs(layout, switch, base=0) -> bool:
+        cfg.rope_parameters["original_max_position_embeddings"] = switch
+        verdicts = []
+        for r in range(P):
+            pos = hf_striped.layout.shard_local(torch.arange(base, base + n)[None], 1, layout, r, P)
+            try:
+                rope.check_forward(cfg, pos, layout=layout, rank=r, world_size=P, seq_local=n // P)
+                verdicts.append(True)
+            except NotImplementedError:
+                verdicts.append(False)
+        assert len(set(verdicts)) == 1, f"ranks disagree: {verdicts}"  # or some rank would hang in the ring
+        return verdicts[0]
+
+    assert runs("striped", 32) and runs("striped", 46) and runs("striped", 48) and runs("striped", 100)
+    assert not runs("striped", 47)  # rank 0 ends at position 46, one token short of the switch
+    assert runs("striped", 47, base=1)  # an offset base moves every rank past it
+    assert not runs("contiguous", 32) and not runs("contiguous", 24) and runs("contiguous", 23)
+    assert runs("contiguous", 100)  # no rank crosses the switch, nor does the sequence
+    assert runs("zigzag", 32) and not runs("zigzag", 40)  # zigzag: rank 1 ends at position 35
+
+
 def test_length_dependent_rope_is_refused(tmp_path):
     from transformers import LlamaConfig
 
