@@ -123,7 +123,10 @@ def main(argv=None) -> int:
     say = accelerator.print
     set_seed(args.seed)
     cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend)
-    say(f"[train] {cp}")
+    say(f"[train] {cp}, {accelerator.distributed_type.value}, {accelerator.device}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
+        say("[train] warning: the Accelerate config asks for FSDP, which Accelerate enables only on GPUs; "
+            f"running {accelerator.distributed_type.value} (plain data parallelism) instead")
 
     base_model = args.model
     if args.model is None:
