@@ -117,6 +117,17 @@ def _eager_outside_context(module, query, key, value, attention_mask, dropout, s
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
+def _autocast_inputs(query, key, value):
+    """What SDPA gets under autocast: q, k, v in the autocast dtype. (Llama's RoPE returns float32
+    q and k while v comes out of its linear layer in bfloat16.) The ring is not an autocast op
+    itself, so without this it would see mixed dtypes."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
+
+
 def striped_ring_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -141,6 +152,7 @@ def striped_ring_attention_forward(
     if config is not None:  # longrope's factor choice must agree across ranks (patches/rope.py)
         _rope.check_forward(config, kwargs["position_ids"], layout=state.layout, rank=state.rank,
                             world_size=state.world_size, seq_local=query.shape[2])
+    query, key, value = _autocast_inputs(query, key, value)
     out = ring_attention(
         query.transpose(1, 2),
         key.transpose(1, 2),

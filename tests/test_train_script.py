@@ -5,6 +5,7 @@ plain Transformers, its model card parses, and a failed upload leaves it intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -175,3 +176,15 @@ def test_sequence_longer_than_the_model_positions_fails_clearly(workdir, tiny_ll
                 "--seq-len", "1024", "--cp-size", "1", "--output-dir", str(workdir / "long")])
     assert proc.returncode != 0
     assert "exceeds the model's max_position_embeddings 512" in proc.stderr
+
+
+def test_bf16_training_runs_close_to_fp32(cp_run, workdir, tiny_llama_dir):
+    out = workdir / "bf16"
+    proc = run(train_cmd(tiny_llama_dir, workdir / "data.jsonl", out, extra=("--precision", "bf16", "--grad-accum", "2")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    bf16 = losses_of(out)
+    fp32 = json.loads((cp_run[0] / "final" / "training_log.json").read_text())["losses"]
+    print("bf16 (grad-accum 2):", bf16)
+    assert len(bf16) == STEPS and all(math.isfinite(x) for x in bf16)
+    # different data per step (2 micro-batches) and bf16 autocast: only the scale must agree
+    assert abs(sum(bf16) / STEPS - sum(fp32) / STEPS) < 0.5
