@@ -181,6 +181,14 @@ def main(argv=None) -> int:
     resume = None if args.resume == "never" else latest_checkpoint(ckpt_root) if args.resume == "auto" else Path(args.resume)
     if resume is not None:
         state = load_checkpoint(accelerator, resume)
+        saved = state.get("args", {})
+        changed = [k for k in ("seq_len", "batch_size", "grad_accum", "data", "seed", "model") if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            raise SystemExit(
+                f"{resume} was written with different {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                f"({', '.join(f'{saved[k]!r}' for k in changed)}); its data position would not mean the same thing. "
+                "Use the same arguments, --resume never, or a new --output-dir."
+            )
         say(f"[train] resumed from {resume} (step {state['step']}, {state['batches_seen']} batches seen)")
     elif args.resume == "auto" and ckpt_root.exists():
         say(f"[train] no complete checkpoint in {ckpt_root}; starting from step 0")

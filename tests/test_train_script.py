@@ -188,3 +188,11 @@ def test_bf16_training_runs_close_to_fp32(cp_run, workdir, tiny_llama_dir):
     assert len(bf16) == STEPS and all(math.isfinite(x) for x in bf16)
     # different data per step (2 micro-batches) and bf16 autocast: only the scale must agree
     assert abs(sum(bf16) / STEPS - sum(fp32) / STEPS) < 0.5
+
+
+def test_resume_with_different_data_arguments_is_refused(cp_run, workdir, tiny_llama_dir):
+    out, _ = cp_run  # has complete checkpoints written with --seq-len 64
+    cmd = train_cmd(tiny_llama_dir, workdir / "data.jsonl", out, cp_size=1)
+    proc = run([*cmd[: cmd.index("--seq-len")], "--seq-len", "32", *cmd[cmd.index("--seq-len") + 2:]])
+    assert proc.returncode != 0
+    assert "different --seq-len (64)" in proc.stderr and "--resume never" in proc.stderr
