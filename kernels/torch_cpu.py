@@ -33,7 +33,12 @@ def _compute(*xs):
 class TorchCPUKernel:
     name = "torch_cpu"
     backward_in_float32 = True  # the ring then saves its unrounded float32 output for backward
-    causal_split = 0  # leaf length for splitting causal blocks (hf_striped.layout.blocks); 0: none
+    # Causal blocks are not split (hf_striped.layout.blocks, split=0). Measured with
+    # scripts/bench_schedule.py: this op's causal mode skips whole 512-key tiles only (about 256
+    # wasted keys per row, a 2k block costs 0.62 of a full one), but its calls shorter than 768
+    # queries use 64-row tiles and compute partly masked tiles in full, so diagonal pieces of
+    # 128-512 tokens plus the extra merges cost as much or more (0.67-0.75 at 2k tokens).
+    causal_split = 0
 
     def unsupported_reason(self, q, k, v):
         if q.device.type != "cpu":
