@@ -20,12 +20,20 @@ def _run(cmd):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_striped_trainer_matches_the_stock_trainer(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize(
+    "world, plain_batch",
+    [
+        (2, 2),  # CP 2: both ranks see the same 2-row batches the one process sees
+        (4, 4),  # 2 data-parallel replicas x CP 2, 2 rows each: one process with 4-row batches
+    ],
+)
+def test_striped_trainer_matches_the_stock_trainer(tmp_path, tiny_llama_dir, world, plain_batch):
     plain, cp = tmp_path / "plain", tmp_path / "cp"
-    _run([sys.executable, str(CASE), str(tiny_llama_dir), str(plain), "--plain"])
-    _run([*_accelerate(), "--num_processes", "2", str(CASE), str(tiny_llama_dir), str(cp), "--cp-size", "2"])
+    rows = ["--eval-rows", "8"]  # divides evenly over 2 replicas x 2-row eval batches
+    _run([sys.executable, str(CASE), str(tiny_llama_dir), str(plain), "--plain", "--train-batch", str(plain_batch), *rows])
+    _run([*_accelerate(), "--num_processes", str(world), str(CASE), str(tiny_llama_dir), str(cp), "--cp-size", "2", *rows])
     ref, got = (json.loads((d / "result.json").read_text()) for d in (plain, cp))
-    print("one process:", ref, "\nCP 2:       ", got)
+    print("one process:", ref, f"\n{world // 2} x CP 2:    ", got)
     assert len(got["train_losses"]) == len(ref["train_losses"]) == 4
     for a, b in zip(got["train_losses"], ref["train_losses"]):
         assert a == pytest.approx(b, rel=1e-5)

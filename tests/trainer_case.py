@@ -37,19 +37,21 @@ def main():
     p.add_argument("out")
     p.add_argument("--cp-size", type=int, default=1)
     p.add_argument("--plain", action="store_true")
+    p.add_argument("--train-batch", type=int, default=2, help="per device (per data-parallel replica)")
+    p.add_argument("--eval-rows", type=int, default=6)
     a = p.parse_args()
     common = dict(
-        output_dir=a.out, per_device_train_batch_size=2, per_device_eval_batch_size=2, gradient_accumulation_steps=2,
+        output_dir=a.out, per_device_train_batch_size=a.train_batch, per_device_eval_batch_size=2, gradient_accumulation_steps=2,
         max_steps=4, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
         report_to=[], seed=0, data_seed=0, use_cpu=True, disable_tqdm=True, max_grad_norm=1.0,
     )
-    train, evals = Dataset.from_dict(rows(16, 1)), Dataset.from_dict(rows(6, 2))
+    train, evals = Dataset.from_dict(rows(16, 1)), Dataset.from_dict(rows(a.eval_rows, 2))
     if a.plain:
         model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa")
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, eval_dataset=evals, data_collator=pad_collate)
     else:
         model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation=hf_striped.ATTN_IMPLEMENTATION)
-        args = StripedTrainingArguments(**common, cp_size=a.cp_size)
+        args = StripedTrainingArguments(**common, cp_size=a.cp_size, ddp_find_unused_parameters=False)
         trainer = StripedTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
     trainer.train()
     metrics = trainer.evaluate()
