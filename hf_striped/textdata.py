@@ -73,7 +73,7 @@ def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text
         n = len(stream) // seq_len * seq_len
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, n, seq_len)]}
 
-    packed = ds.map(chunk, batched=True, batch_size=len(ds) or 1, remove_columns=ds.column_names, desc="packing")
+    packed = ds.map(chunk, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
     if len(packed) == 0:
         raise ValueError(f"the data holds fewer than {seq_len} tokens: use more text or a shorter --seq-len")
     return packed
