@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import active_context, state_for_attention_call
-from .patches import check_model
+from .patches import check_model, windows_reach_attention
 from .patches import rope as _rope
 from .ring import ring_attention
 
@@ -55,13 +55,6 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
         is_causal = getattr(module, "is_causal", True)
     if not is_causal:
         _refuse("non-causal (bidirectional) attention", "striped_ring is for causal language models.")
-    n = query.shape[2] * world_size
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window is not None and window < n:
-        _refuse(
-            f"a sliding window ({window} tokens) shorter than the sequence ({n} tokens)",
-            "Use sequences no longer than the window, or run this model without context parallelism.",
-        )
     if key.shape[2] != query.shape[2]:
         _refuse(
             "a KV cache (generation or cached prefixes)",
@@ -77,6 +70,12 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
 
 
 _CHECKED_CONFIGS: dict[int, weakref.ref] = {}
+
+
+def _window(module, kwargs, n: int) -> int | None:
+    """The layer's sliding window if it is shorter than the sequence (``None``: plain causal)."""
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return int(window) if window is not None and window < n else None
 
 
 def _check_model_once(config) -> None:
@@ -164,6 +163,7 @@ def striped_ring_attention_forward(
         backend=state.backend,
         softcap=kwargs.get("softcap"),
         sinks=kwargs.get("s_aux"),
+        window=_window(module, kwargs, query.shape[2] * state.world_size),
     )
     return out, None
 
@@ -174,8 +174,9 @@ def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
     Inside the context the ring derives causality from the layout, and the strided global
     positions each rank holds must not be mistaken for packed documents (Transformers would
     otherwise build a document mask from them). What only a mask could express is refused:
-    padding that hides tokens, windows or chunks shorter than the sequence, and model-specific
-    mask functions. Refused model families (``hf_striped.patches``) raise here, before any layer. Transformers calls this once per forward on every rank, which also makes
+    padding that hides tokens, windows or chunks shorter than the sequence that only the mask
+    knows (registered families also pass their windows to the attention function, which
+    applies them), and model-specific mask functions. Refused model families (``hf_striped.patches``) raise here, before any layer. Transformers calls this once per forward on every rank, which also makes
     it the point where the per-forward position check is reset.
     """
     state = active_context()
@@ -185,7 +186,9 @@ def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
     _check_model_once(kwargs.get("config"))  # before any layer runs
     n = kwargs.get("q_length", 0) * state.world_size
     local = kwargs.get("local_size")
-    if local is not None and local < n:
+    if local is not None and local < n and not windows_reach_attention(kwargs.get("config")):
+        # Registered families hand every sliding window to the attention function too, which
+        # applies it in the ring; for others a window (or chunk) the mask alone knows is refused.
         _refuse(
             f"a sliding window or attention chunk of {local} tokens shorter than the sequence ({n} tokens)",
             "Use sequences no longer than the window, or run this model without context parallelism.",

@@ -97,13 +97,17 @@ class Block:
 
     ``count > 1`` makes it a *batched* call of ``count`` equal pieces: piece ``i`` is ``q`` and
     ``k`` both shifted by ``i * period`` rows; the schedule folds the pieces into the batch
-    dimension (a view, no copy: pieces tile the local sequence, ``count * period == c``)."""
+    dimension (a view, no copy: pieces tile the local sequence, ``count * period == c``).
+
+    ``band = (lo, hi)`` (sliding windows) replaces the causal/full mask: query i of the call
+    sees key j of the call iff ``lo <= i - j <= hi``. Only band-capable kernels take it."""
 
     q: slice
     k: slice
     causal: bool
     count: int = 1
     period: int = 0
+    band: tuple[int, int] | None = None
 
     def pieces(self, c: int) -> list[tuple[slice, slice]]:
         """The ``(q, k)`` slices of every piece, as plain slices of ``range(c)``."""
@@ -156,8 +160,82 @@ def _open(s: slice, c: int) -> slice:
     return slice(start, stop)
 
 
+def _runs(layout: str, rank: int, world_size: int, c: int) -> list[tuple[int, int, int, int]]:
+    """``(local start, local stop, first global index, stride)`` of the arithmetic runs of
+    global positions that ``rank`` holds (one run; two for zigzag)."""
+    if layout == "striped":
+        return [(0, c, rank, world_size)]
+    if layout == "contiguous":
+        return [(0, c, rank * c, 1)]
+    h = c // 2
+    return [(0, h, rank * h, 1), (h, c, (2 * world_size - 1 - rank) * h, 1)]
+
+
+BAND_ROWS = 64
+"""Rows per call when a band is cut into row chunks (bounds the reference kernel's score
+matrix at ``BAND_ROWS x (BAND_ROWS + band width)`` and its work at about ``c * BAND_ROWS``)."""
+
+
+def _call(q0: int, k0: int, m: int, n: int, lo: int, hi: int) -> list[Block]:
+    """One call for rows ``[q0, q0 + m)`` against keys ``[k0, k0 + n)`` where row i sees key j
+    iff ``lo <= i - j <= hi`` (call-local): trimmed to the rows and keys it touches, then a full
+    call, a causal call, or (otherwise) a band call; nothing if empty."""
+    lo, hi = max(lo, -(n - 1)), min(hi, m - 1)
+    if lo > hi:
+        return []
+    r0, r1 = max(lo, 0), min(hi + n - 1, m - 1) + 1
+    c0, c1 = max(-hi, 0), min(m - 1 - lo, n - 1) + 1
+    m, n, lo, hi = r1 - r0, c1 - c0, lo - r0 + c0, hi - r0 + c0
+    q, k = slice(q0 + r0, q0 + r1), slice(k0 + c0, k0 + c1)
+    if lo <= -(n - 1) and hi >= m - 1:
+        return [Block(q, k, False)]
+    if m == n and lo == 0 and hi >= m - 1:
+        return [Block(q, k, True)]
+    return [Block(q, k, False, band=(lo, hi))]
+
+
+def _band(q0: int, k0: int, m: int, n: int, lo: int, hi: int) -> list[Block]:
+    """:func:`_call`'s set as calls of at most :data:`BAND_ROWS` rows. Each row chunk
+    ``[i0, i1)`` is cut where its keys change kind: keys ``[i0 - hi, i1 - 1 - hi)`` form a triangle
+    (a band call), ``[i1 - 1 - hi, i0 - lo]`` are seen by every row of the chunk (a full call, on
+    the fused kernel) and ``(i0 - lo, i1 - 1 - lo]`` form a strictly causal triangle (a causal
+    call once trimmed). Only the first triangle needs a band-capable kernel."""
+    calls = []
+    for i0 in range(0, m, BAND_ROWS):
+        i1 = min(i0 + BAND_ROWS, m)
+        cuts = sorted({min(max(x, 0), n) for x in (i0 - hi, i1 - 1 - hi, i0 - lo + 1, i1 - lo)})
+        for c0, c1 in zip(cuts, cuts[1:]):
+            calls += _call(q0 + i0, k0 + c0, i1 - i0, c1 - c0, lo - i0 + c0, hi - i0 + c0)
+    return calls
+
+
+def _windowed(layout: str, rank: int, source: int, world_size: int, c: int, window: int, split: int) -> list[Block]:
+    """:func:`blocks` for causal attention within a sliding window of ``window`` tokens (query at
+    global position g sees keys at g - window < g' <= g, Transformers' convention).
+
+    For a run of queries (global ``a + t*i``) against a run of keys (``b + t*j``), the visible
+    set is a band of local diagonals ``lo <= i - j <= hi`` with ``lo = ceil((b - a) / t)``
+    and ``hi = floor((window - 1 - (a - b)) / t)``. An empty band is skipped (no kernel call
+    for a block wholly outside the window), a plain or strictly causal one over the whole local
+    sequence is exactly what the causal path computes; any other is cut by :func:`_band`."""
+    calls = []
+    for qs, qe, a, t in _runs(layout, rank, world_size, c):
+        for ks, ke, b, _ in _runs(layout, source, world_size, c):
+            m, n, delta = qe - qs, ke - ks, a - b
+            if not m or not n:
+                continue
+            lo = -(delta // t)  # == ceil(-delta / t)
+            hi = (window - 1 - delta) // t
+            if m == n == c and lo in (0, 1) and hi >= c - 1:
+                calls.extend(_causal(c, lo == 1, split))
+            else:
+                calls.extend(_band(qs, ks, m, n, lo, hi))
+    return calls
+
+
 def blocks(
-    layout: str, rank: int, source: int, world_size: int, c: int, causal: bool, *, split: int = 0
+    layout: str, rank: int, source: int, world_size: int, c: int, causal: bool, *, split: int = 0,
+    window: int | None = None,
 ) -> list[Block]:
     """Kernel calls that compute exactly the visible part of the (rank, source) block.
 
@@ -166,11 +244,20 @@ def blocks(
     visible score once. ``split`` > 0 splits every causal block into non-causal pieces plus
     diagonal causal pieces at least ``split`` long (see :func:`_causal`); kernels name theirs
     in ``causal_split``. It changes which calls compute the scores, never the set.
+    ``window``: causal attention within a sliding window of that many tokens (see
+    :func:`_windowed`); ``None`` or a window of at least the sequence length is plain causal.
     """
     if c == 0:
         return []
     if not causal:
+        if window is not None:
+            raise ValueError("a sliding window needs causal attention")
         return [Block(_ALL, _ALL, False)]
+    if window is not None and window < c * world_size:
+        if window < 1:
+            raise ValueError(f"window must be at least 1 token, got {window}")
+        check_layout(layout)
+        return _windowed(layout, rank, source, world_size, c, window, split)
     if source == rank:
         return _causal(c, False, split)
     if layout == "striped":
@@ -187,13 +274,17 @@ def blocks(
 
 
 def block_mask(
-    layout: str, rank: int, source: int, world_size: int, c: int, causal: bool, *, split: int = 0
+    layout: str, rank: int, source: int, world_size: int, c: int, causal: bool, *, split: int = 0,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Dense ``[c, c]`` boolean visibility that :func:`blocks` computes (for tests and docs)."""
     mask = torch.zeros(c, c, dtype=torch.bool)
-    for b in blocks(layout, rank, source, world_size, c, causal, split=split):
+    for b in blocks(layout, rank, source, world_size, c, causal, split=split, window=window):
         for qs, ks in b.pieces(c):
             sub = mask[qs, ks]
             vis = torch.ones_like(sub)
+            if b.band is not None:
+                d = torch.arange(sub.shape[0])[:, None] - torch.arange(sub.shape[1])[None, :]
+                vis = (d >= b.band[0]) & (d <= b.band[1])
             mask[qs, ks] = vis.tril() if b.causal else vis
     return mask

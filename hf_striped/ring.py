@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .kernels import select_kernel
 from .kernels.reference import ReferenceKernel
-from .layout import check_layout
+from .layout import BAND_ROWS, check_layout
 from .schedule import backward_schedule, forward_schedule
 from .transport import CommStats, run_dist, run_inprocess
 
@@ -98,11 +98,12 @@ class _RingAttention(torch.autograd.Function):
     """One rank's ring attention over a ``torch.distributed`` group (or alone for ``None``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, group, layout, causal, scale, kernel):
+    def forward(ctx, q, k, v, sinks, group, layout, causal, scale, kernel, window):
         rank, world = group_rank_size(group)
         q, k, v = _last_dim_contiguous(q), k.contiguous(), v.contiguous()
         gen = forward_schedule(
-            q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel
+            q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
+            window=window,
         )
         out_acc, lse = _run(gen, group)
         if sinks is not None:
@@ -111,7 +112,7 @@ class _RingAttention(torch.autograd.Function):
             out_acc, lse = _apply_sinks(out_acc, lse, sinks)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, _out_for_backward(kernel, out_acc, out), lse, sinks)
-        ctx.args = (group, rank, world, layout, causal, scale, kernel)
+        ctx.args = (group, rank, world, layout, causal, scale, kernel, window)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -119,15 +120,15 @@ class _RingAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        group, rank, world, layout, causal, scale, kernel = ctx.args
+        group, rank, world, layout, causal, scale, kernel, window = ctx.args
         dout = _last_dim_contiguous(dout)
         gen = backward_schedule(
             dout, q, k, v, out, lse,
-            rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
+            rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel, window=window,
         )
         dq, dk, dv = _run(gen, group)
         dsinks = _sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None
 
 
 class _InProcessRingAttention(torch.autograd.Function):
@@ -135,12 +136,12 @@ class _InProcessRingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, *tensors):
-        world, layout, causal, scale, kernel, stats = meta
+        world, layout, causal, scale, kernel, stats, window = meta
         qs, ks, vs = tensors[:world], tensors[world : 2 * world], tensors[2 * world :]
         gens = [
             forward_schedule(
                 qs[r], ks[r], vs[r], rank=r, world_size=world, layout=layout, causal=causal, scale=scale,
-                kernel=kernel,
+                kernel=kernel, window=window,
             )
             for r in range(world)
         ]
@@ -156,7 +157,7 @@ class _InProcessRingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        world, layout, causal, scale, kernel, stats = ctx.meta
+        world, layout, causal, scale, kernel, stats, window = ctx.meta
         saved = ctx.saved_tensors
         qs, ks, vs = saved[:world], saved[world : 2 * world], saved[2 * world : 3 * world]
         outs, lses = saved[3 * world : 4 * world], saved[4 * world :]
@@ -165,7 +166,7 @@ class _InProcessRingAttention(torch.autograd.Function):
             backward_schedule(
                 _last_dim_contiguous(douts[r]) if douts[r] is not None else torch.zeros_like(outs[r]),
                 qs[r], ks[r], vs[r], outs[r], lses[r],
-                rank=r, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
+                rank=r, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel, window=window,
             )
             for r in range(world)
         ]
@@ -196,6 +197,25 @@ def _softcap_kernel(softcap: float, backend: str) -> ReferenceKernel:
             RuntimeWarning, stacklevel=4,
         )
     return ReferenceKernel(softcap=softcap)
+
+
+def _check_window(window, causal, kernel) -> None:
+    """A sliding window needs causal attention; band calls run on a band-capable kernel (the
+    reference kernel stands in for the others, with a one-time speed warning)."""
+    if window is None:
+        return
+    if int(window) != window or window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal=True")
+    if not getattr(kernel, "supports_band", False) and "window" not in _SOFTCAP_WARNED:
+        _SOFTCAP_WARNED.add("window")
+        warnings.warn(
+            f"hf_striped: sliding-window band blocks run on the plain PyTorch 'reference' kernel where "
+            f"{kernel.name!r} cannot mask a band (the triangular edge of each {BAND_ROWS}-row chunk of a band); "
+            "full and causal pieces still use the fused kernel",
+            RuntimeWarning, stacklevel=4,
+        )
 
 
 def _prepare(q, k, v, layout, softmax_scale, backend, softcap=None):
@@ -231,12 +251,14 @@ def ring_attention_with_lse(
     backend: str = "auto",
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` that also returns the float32 log-sum-exp ``[batch, heads, seq_local]``
     of every local query row (not differentiable; it includes the sinks when given)."""
     scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend, softcap)
     _check_sinks(sinks, q)
-    return _RingAttention.apply(q, k, v, sinks, group, layout, causal, scale, kernel)
+    _check_window(window, causal, kernel)
+    return _RingAttention.apply(q, k, v, sinks, group, layout, causal, scale, kernel, window)
 
 
 def ring_attention(
@@ -251,6 +273,7 @@ def ring_attention(
     backend: str = "auto",
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -272,13 +295,17 @@ def ring_attention(
         sinks: gpt-oss attention sinks ``[heads]``, one logit per query head that joins every
             row's softmax denominator and carries no value; differentiable (its gradient is
             this rank's part: all-reduce it over the group like any replicated parameter).
+        window: causal sliding window of that many tokens in global positions (query at g sees
+            keys g - window < g' <= g, Transformers' convention). Blocks wholly outside it are
+            skipped; the triangular edges of band blocks run on the reference kernel (warns
+            once), full and causal pieces on the fused one.
 
     Returns:
         The attention output shaped like ``q``, in ``q.dtype``, differentiable in q, k, v.
     """
     return ring_attention_with_lse(
         q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale, backend=backend,
-        softcap=softcap, sinks=sinks,
+        softcap=softcap, sinks=sinks, window=window,
     )[0]
 
 
@@ -293,18 +320,20 @@ def ring_attention_inprocess(
     backend: str = "auto",
     stats: list[CommStats] | None = None,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the same ring schedule for ``len(qs)`` virtual ranks in this process.
 
     ``qs[r]``/``ks[r]``/``vs[r]`` are rank r's shards (see :func:`hf_striped.layout.shard_local`).
     Returns ``(outs, lses)``, per rank; outputs are differentiable. ``stats``, if given (one
-    :class:`CommStats` per rank), records every message each rank sends. ``softcap`` as in
-    :func:`ring_attention`.
+    :class:`CommStats` per rank), records every message each rank sends. ``softcap`` and
+    ``window`` as in :func:`ring_attention`.
     """
     world = len(qs)
     if not world or len(ks) != world or len(vs) != world:
         raise ValueError("qs, ks and vs must be non-empty lists of the same length (one entry per rank)")
     scale, kernel = _prepare(qs[0], ks[0], vs[0], layout, softmax_scale, backend, softcap)
+    _check_window(window, causal, kernel)
     for q, k, v in zip(qs[1:], ks[1:], vs[1:]):  # rank 0's were checked by _prepare
         _check_qkv(q, k, v)
         if q.shape != qs[0].shape or k.shape != ks[0].shape:
@@ -312,5 +341,5 @@ def ring_attention_inprocess(
     qs = [_last_dim_contiguous(q) for q in qs]
     ks = [k.contiguous() for k in ks]
     vs = [v.contiguous() for v in vs]
-    res = _InProcessRingAttention.apply((world, layout, causal, scale, kernel, stats), *qs, *ks, *vs)
+    res = _InProcessRingAttention.apply((world, layout, causal, scale, kernel, stats, window), *qs, *ks, *vs)
     return list(res[:world]), list(res[world:])

@@ -24,6 +24,27 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_BAND_KERNEL = None
+
+
+def block_kernel(kernel, blk: Block):
+    """The kernel for one call: ``kernel`` itself unless the call is a sliding-window band that
+    ``kernel`` cannot mask (``supports_band``); then the plain reference kernel, which can
+    (ring.py warns once about its speed)."""
+    global _BAND_KERNEL
+    if blk.band is None or getattr(kernel, "supports_band", False):
+        return kernel
+    if _BAND_KERNEL is None:
+        from .kernels.reference import ReferenceKernel
+
+        _BAND_KERNEL = ReferenceKernel()
+    return _BAND_KERNEL
+
+
+def _band(blk: Block) -> dict:
+    return {} if blk.band is None else {"band": blk.band}
+
+
 def kernel_split(kernel, split: int | None = None) -> int:
     """The causal split (see :func:`hf_striped.layout.blocks`) to use with ``kernel``: ``split``
     if given, else the kernel's ``causal_split`` attribute (0, no split, when it has none)."""
@@ -65,7 +86,9 @@ def forward_step(q, k, v, out, lse_t, blks: list[Block], kernel, scale: float) -
     contiguous float32/float64 accumulators. This is the whole compute of one ring step; the
     benchmark times it per (rank, step)."""
     for blk in blks:
-        o_b, lse_b = kernel.forward(_rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale)
+        o_b, lse_b = block_kernel(kernel, blk).forward(
+            _rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale, **_band(blk)
+        )
         merge_(_target(out, blk.q, blk), _target(lse_t, blk.q, blk).transpose(1, 2), o_b, lse_b)
 
 
@@ -87,7 +110,7 @@ def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale:
     dk = dv = None
     only = len(blks) == 1
     for blk in blks:
-        dq_b, dk_b, dv_b = kernel.backward(
+        dq_b, dk_b, dv_b = block_kernel(kernel, blk).backward(
             _rows(dout, blk.q, blk),
             _rows(q, blk.q, blk),
             _rows(k, blk.k, blk),
@@ -96,6 +119,7 @@ def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale:
             _lse_rows(lse, blk.q, blk),
             blk.causal,
             scale,
+            **_band(blk),
         )
         _target(dq, blk.q, blk).add_(dq_b)
         dk = _accumulate(dk, dk_b, blk, only, k.shape, acc)
@@ -115,10 +139,12 @@ def forward_schedule(
     scale: float,
     kernel,
     split: int | None = None,
+    window: int | None = None,
 ) -> Schedule:
     """One rank's forward ring. Returns ``(out, lse)``: the merged output ``[b, c, h, d]`` and
     log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype.
-    ``split``: causal split of the blocks (default: the kernel's ``causal_split``)."""
+    ``split``: causal split of the blocks (default: the kernel's ``causal_split``).
+    ``window``: sliding window in tokens (``None``: plain causal), see ``layout.blocks``."""
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
     split = kernel_split(kernel, split)
@@ -130,7 +156,7 @@ def forward_schedule(
         if not last:
             ticket = yield Post(kv)
         source = (rank - step) % world_size
-        forward_step(q, kv[0], kv[1], out, lse_t, blocks(layout, rank, source, world_size, c, causal, split=split), kernel, scale)
+        forward_step(q, kv[0], kv[1], out, lse_t, blocks(layout, rank, source, world_size, c, causal, split=split, window=window), kernel, scale)
         if not last:
             kv = yield Wait(ticket)
     return out, lse_t.transpose(1, 2).contiguous()
@@ -151,6 +177,7 @@ def backward_schedule(
     scale: float,
     kernel,
     split: int | None = None,
+    window: int | None = None,
 ) -> Schedule:
     """One rank's backward ring. Returns ``(dq, dk, dv)`` in the dtypes of q, k, v."""
     c = q.shape[1]
@@ -164,7 +191,7 @@ def backward_schedule(
         if not last:
             kv_ticket = yield Post(kv)
         source = (rank - step) % world_size
-        blks = blocks(layout, rank, source, world_size, c, causal, split=split)
+        blks = blocks(layout, rank, source, world_size, c, causal, split=split, window=window)
         dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, blks, kernel, scale, acc)
         if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)

@@ -8,14 +8,24 @@ import torch
 from .base import expand_kv, gqa_groups, reduce_kv_grad
 
 
-def _scores(q, k, causal: bool, scale: float, acc_dtype, softcap: float | None = None) -> torch.Tensor:
+def band_mask(sq: int, sk: int, band: tuple[int, int], device=None) -> torch.Tensor:
+    """``[sq, sk]`` bool: query i sees key j iff ``lo <= i - j <= hi`` (``band = (lo, hi)``)."""
+    d = torch.arange(sq, device=device)[:, None] - torch.arange(sk, device=device)[None, :]
+    return (d >= band[0]) & (d <= band[1])
+
+
+def _scores(q, k, causal: bool, scale: float, acc_dtype, softcap: float | None = None,
+            band: tuple[int, int] | None = None) -> torch.Tensor:
     """Masked, scaled (and, with ``softcap``, soft-capped: ``cap * tanh(s / cap)``) scores
-    ``[b, h, sq, sk]`` in ``acc_dtype``."""
+    ``[b, h, sq, sk]`` in ``acc_dtype``. ``band``, if given, replaces ``causal`` (see
+    :func:`band_mask`)."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc_dtype), k.to(acc_dtype)) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
+    sq, sk = q.shape[1], k.shape[1]
+    if band is not None:
+        s = s.masked_fill(~band_mask(sq, sk, band, q.device), float("-inf"))
+    elif causal:
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     return s
@@ -35,10 +45,13 @@ class ReferenceKernel:
     """Math attention accumulating in float32 (float64 for float64 inputs).
 
     ``softcap``: if set, scores are soft-capped as Gemma 2 does (``cap * tanh(s / cap)``
-    after scaling, before masking); the backward applies the chain rule through the tanh."""
+    after scaling, before masking); the backward applies the chain rule through the tanh.
+    ``band=(lo, hi)`` in forward/backward: an arbitrary diagonal band mask (sliding windows),
+    query i sees key j iff ``lo <= i - j <= hi``; it replaces ``causal``."""
 
     name = "reference"
     backward_in_float32 = True
+    supports_band = True
 
     def __init__(self, softcap: float | None = None):
         self.softcap = None if softcap is None else float(softcap)
@@ -46,21 +59,21 @@ class ReferenceKernel:
     def unsupported_reason(self, q, k, v):
         return None
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q, k, v, causal, scale, band=None):
         g = gqa_groups(q, k)
         k, v = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
-        s = _scores(q, k, causal, scale, acc, self.softcap)
+        s = _scores(q, k, causal, scale, acc, self.softcap, band)
         lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
         p = _probs(s, lse)
         out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
         return out, lse  # in the accumulation dtype: the ring rounds once, at the end
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, band=None):
         g = gqa_groups(q, k)
         ke, ve = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
-        s = _scores(q, ke, causal, scale, acc, self.softcap)
+        s = _scores(q, ke, causal, scale, acc, self.softcap, band)
         p = _probs(s, lse.to(acc))
         do = dout.to(acc)
         dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
@@ -75,17 +88,18 @@ class ReferenceKernel:
 
 
 def plain_attention(q, k, v, causal: bool = True, scale: float | None = None, softcap: float | None = None,
-                    sinks: torch.Tensor | None = None):
+                    sinks: torch.Tensor | None = None, window: int | None = None):
     """Differentiable attention computed entirely in the input dtype (no upcast), returning
     ``(out, lse)``. This is the "same-dtype plain PyTorch" baseline of the exactness rule.
 
     ``softcap``: Gemma 2 soft-capping. ``sinks`` ``[heads]``: gpt-oss attention sinks, one extra
     logit per head that joins the softmax denominator and carries no value; ``lse`` then
-    includes it."""
+    includes it. ``window``: causal sliding window of that many tokens (query i sees keys
+    ``i - window < j <= i``, Transformers' convention)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     g = gqa_groups(q, k)
     k, v = expand_kv(k, g), expand_kv(v, g)
-    s = _scores(q, k, causal, scale, q.dtype, softcap)
+    s = _scores(q, k, causal, scale, q.dtype, softcap, None if window is None else (0, window - 1))
     if sinks is not None:
         b, h, sq, _ = s.shape
         s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(b, h, sq, 1)], dim=-1)

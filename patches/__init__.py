@@ -4,6 +4,6 @@ attention interface (:mod:`.rope`: length-dependent rotary types; :mod:`.moe`: r
 auxiliary loss). Nothing here rebinds Transformers internals: every supported family works
 through the registered attention and mask functions alone."""
 
-from .registry import REGISTRY, UNTESTED, Family, check_model, lookup
+from .registry import REGISTRY, UNTESTED, Family, check_model, lookup, windows_reach_attention
 
-__all__ = ["REGISTRY", "UNTESTED", "Family", "check_model", "lookup"]
+__all__ = ["REGISTRY", "UNTESTED", "Family", "check_model", "lookup", "windows_reach_attention"]

@@ -31,7 +31,10 @@ from . import moe, rope
 
 Status = Literal["supported", "limited", "refused"]
 
-WINDOW = "sliding windows must cover the whole sequence (shorter ones are refused)"
+WINDOW = (
+    "sliding windows are exact; the triangular edges of window bands run on the plain reference "
+    "kernel (slower; warns once)"
+)
 ROUTER_LOSS = moe.LIMITATION
 GLOBAL_LIMITATIONS: tuple[str, ...] = (rope.LIMITATION,)
 """Limitations every family shares (checked for registered, untested and unknown types alike)."""
@@ -61,6 +64,9 @@ class Family:
     checks: tuple[Callable, ...] = ()
     """Config-level checks run on the first forward under a CP context (``check(config)``;
     raise ``NotImplementedError`` or warn)."""
+    windows_in_attention: bool = False
+    """Every sliding window the family's masks use also reaches its attention function (as the
+    ``sliding_window`` argument), where the ring applies it; checked in its source."""
 
     def __post_init__(self):
         if self.status not in ("supported", "limited", "refused"):
@@ -78,6 +84,7 @@ def _exact(model_type: str, *limitations: str, checks: tuple[Callable, ...] = (r
         limitations=limitations,
         test=f"{_TESTS}::test_family_matches_single_process[{model_type}]",
         checks=checks,
+        windows_in_attention=WINDOW in limitations,
     )
 
 
@@ -142,6 +149,13 @@ UNTESTED: tuple[str, ...] = (
 )
 
 _warned: set[str] = set()
+
+
+def windows_reach_attention(config) -> bool:
+    """Whether ``config``'s family hands its sliding windows to the attention function (so a
+    window the mask function sees will be applied by the ring, not dropped)."""
+    family = REGISTRY.get(getattr(config, "model_type", None))
+    return family is not None and family.windows_in_attention
 
 
 def lookup(model_type: str) -> Family | None:

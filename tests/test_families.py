@@ -26,41 +26,50 @@ BASE = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=512, attention_dropout=0.0,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
-SEQ = 48  # divisible by 2 and 3; every window below is >= SEQ (shorter ones are refused, see registry)
+SEQ = 48  # divisible by 2 and 3
+W = 8  # sliding window of the windowed families: shorter than SEQ, longer than P, not a multiple of 3
+SLIDING_FULL = ["sliding_attention", "full_attention"]
 
 # MoE families route every token to *all* experts here: with top-k < experts, a rounding-level
 # difference can flip an expert choice between the float64 reference and float32 (either side),
 # which is a discontinuity of the model, not an error of the ring. Routing is per token either way.
 FAMILIES: dict[str, tuple[str, dict, str]] = {
     "llama": ("LlamaConfig", {}, "sdpa"),
-    "mistral": ("MistralConfig", dict(sliding_window=4096), "sdpa"),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=4), "sdpa"),
-    "qwen2": ("Qwen2Config", {}, "sdpa"),  # q/k/v biases
-    "qwen3": ("Qwen3Config", {}, "sdpa"),  # q/k norms
+    "mistral": ("MistralConfig", dict(sliding_window=W), "sdpa"),  # window on every layer
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=4, sliding_window=W), "sdpa"),
+    "qwen2": (  # q/k/v biases; a sliding and a full layer
+        "Qwen2Config", dict(use_sliding_window=True, sliding_window=W, layer_types=SLIDING_FULL), "sdpa",
+    ),
+    "qwen3": (  # q/k norms
+        "Qwen3Config", dict(use_sliding_window=True, sliding_window=W, layer_types=SLIDING_FULL), "sdpa",
+    ),
     "qwen3_moe": (
-        "Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True),
+        "Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=4, moe_intermediate_size=32, norm_topk_prob=True,
+                               use_sliding_window=True, sliding_window=W),
         "sdpa",
     ),
     "gemma": ("GemmaConfig", {}, "sdpa"),  # scaled embeddings, tied
     "gemma2": (  # soft-capping small enough to matter; alternating sliding/full layers
         "Gemma2Config", dict(query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
-                             sliding_window=512), "eager",
+                             sliding_window=W), "eager",
     ),
     "gemma3_text": (
-        "Gemma3TextConfig", dict(query_pre_attn_scalar=16, sliding_window=512,
-                                 layer_types=["sliding_attention", "full_attention"]), "sdpa",
+        "Gemma3TextConfig", dict(query_pre_attn_scalar=16, sliding_window=W, layer_types=SLIDING_FULL), "sdpa",
     ),
-    "phi3": ("Phi3Config", {}, "sdpa"),  # fused qkv
+    "phi3": ("Phi3Config", dict(sliding_window=W), "sdpa"),  # fused qkv
     "olmo2": ("Olmo2Config", {}, "sdpa"),  # q/k norm over all heads
     "granite": (
         "GraniteConfig", dict(embedding_multiplier=2.0, logits_scaling=2.0, residual_multiplier=0.5,
                               attention_multiplier=0.2), "sdpa",
     ),
-    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0]), "sdpa"),  # second layer has no RoPE
+    "smollm3": (  # second layer has no RoPE
+        "SmolLM3Config", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=W,
+                              layer_types=SLIDING_FULL), "sdpa",
+    ),
     "cohere": ("CohereConfig", dict(use_qk_norm=True, logit_scale=0.5), "sdpa"),
     "glm": ("GlmConfig", {}, "sdpa"),  # partial rotary
     "gpt_oss": (  # attention sinks, alternating sliding/full layers
-        "GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=4, sliding_window=512), "eager",
+        "GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=4, sliding_window=W), "eager",
     ),
 }
 
@@ -106,18 +115,56 @@ def _single_process_float64(path, batch, attn):
         models.load = original
 
 
+def _single_process_ring(path, batch):
+    """models.single_process, float32, through striped_ring on this process alone (P = 1)."""
+    model = models.load(path, "striped_ring")
+    model.train()
+    b, n = batch.shape
+    labels = torch.cat([batch[:, 1:], torch.full((b, 1), -100)], dim=1)
+    with warnings.catch_warnings(), hf_striped.context_parallel(None):
+        warnings.simplefilter("ignore", RuntimeWarning)  # reference-kernel speed notes
+        logits = model(input_ids=batch, position_ids=torch.arange(n).expand(b, -1), use_cache=False).logits
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(b, -1)
+        token_loss.sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return dict(logits=logits.detach(), token_loss=token_loss.detach(), grads=grads)
+
+
+def _less_precise(ref, *bases):
+    """Per quantity, the baseline whose error against ``ref`` is larger."""
+    from exactness import max_err
+
+    def pick(key, name=None):
+        get = (lambda b: b[key]) if name is None else (lambda b: b[key][name])
+        return max((get(b) for b in bases), key=lambda t: max_err(t, ref[key] if name is None else ref[key][name]))
+
+    out = {key: pick(key) for key in ("logits", "token_loss")}
+    out["grads"] = {name: pick("grads", name) for name in ref["grads"]}
+    return out
+
+
 @pytest.fixture(scope="module")
 def batch():
     return torch.randint(3, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.filterwarnings("ignore:hf_striped. attention logit soft-capping:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:hf_striped. sliding-window band blocks:RuntimeWarning")
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_family_matches_single_process(dist_pool, tmp_path_factory, batch, model_type):
     path = build(model_type, tmp_path_factory.mktemp(model_type))
     attn = FAMILIES[model_type][2]
     ref = _single_process_float64(path, batch, attn)
     base = models.single_process(path, batch, attn, torch.float32)
+    if attn == "eager":
+        # Families without an sdpa path are compared with eager (plain matmul) attention, which
+        # is more precise than any fused flash kernel: through PyTorch's CPU flash op our own
+        # single-process run (P = 1, no sharding) already has 2.2x eager's error on gpt_oss's
+        # k_proj.bias gradient (3.5e-5 vs 1.6e-5, float64 reference). The baseline is then the
+        # less precise of the two single-process runs, so the test measures what sharding adds.
+        base = _less_precise(ref, base, _single_process_ring(path, batch))
     for P in (2, 3):
         per_rank = dist_pool(P).run(dist_workers.model_case, path, batch, "striped")
         _check(f"{model_type} CP={P}", per_rank, "striped", ref, base)

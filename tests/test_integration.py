@@ -50,7 +50,6 @@ def _call(**kwargs):
     [
         (dict(dropout=0.1), "dropout"),
         (dict(output_attentions=True), "output_attentions"),
-        (dict(sliding_window=4), "sliding window"),
         (dict(is_causal=False), "non-causal"),
         (dict(attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)), "attention masks"),
     ],
@@ -151,12 +150,38 @@ def test_mask_only_sliding_window_through_a_real_model(tmp_path):
         model(input_ids=ids, position_ids=torch.arange(16)[None])
 
 
-def test_sliding_window_on_the_module_raises_inside_context():
+@pytest.mark.filterwarnings("ignore:hf_striped. sliding-window band blocks:RuntimeWarning")
+@pytest.mark.parametrize("where", ["kwarg", "module"])
+def test_sliding_window_is_applied_inside_context(where):
+    """A window shorter than the sequence, passed as the sliding_window argument or set on the
+    module, is applied by the ring (formerly refused; exactness across ranks:
+    test_patches_windows.py)."""
+    from hf_striped.kernels.reference import plain_attention
+
     module = _Module()
-    module.sliding_window = 4
+    kwargs = {}
+    if where == "module":
+        module.sliding_window = 3
+    else:
+        kwargs["sliding_window"] = 3
     q, k, v = _qkv()
-    with hf_striped.context_parallel(None), pytest.raises(NotImplementedError, match="sliding window"):
-        striped_ring_attention_forward(module, q, k, v, None, position_ids=torch.arange(8)[None])
+    with hf_striped.context_parallel(None):
+        out, _ = striped_ring_attention_forward(module, q, k, v, None, scaling=0.25, position_ids=torch.arange(8)[None],
+                                                **kwargs)
+    ref, _ = plain_attention(*(t.transpose(1, 2).double() for t in (q, k, v)), True, 0.25, None, None, 3)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_mask_only_window_is_allowed_for_families_that_pass_it_to_attention():
+    """Registered windowed families hand the window to the attention function too, so the mask
+    function lets local_size through for them (and only for them)."""
+    from transformers import MistralConfig
+
+    base = dict(batch_size=1, q_length=8, kv_length=8, attention_mask=None, local_size=4)
+    with hf_striped.context_parallel(None):
+        assert striped_ring_mask(**base, config=MistralConfig(sliding_window=4)) is None
+        with pytest.raises(NotImplementedError, match="sliding window or attention chunk of 4 tokens"):
+            striped_ring_mask(**base, config=type("Cfg", (), {"model_type": "llama4_text"})())
 
 
 @pytest.mark.filterwarnings("ignore:hf_striped. attention logit soft-capping:RuntimeWarning")
