@@ -11,9 +11,9 @@ does not implement raise ``NotImplementedError`` naming the feature. On a model'
 inside a context the family registry (``hf_striped.patches``) is consulted: refused families
 raise before any attention runs, untested ones warn once.
 
-Logit soft-capping (Gemma 2) and attention sinks (gpt-oss ``s_aux``) run exactly inside a
-context; outside one, where ``sdpa`` would reject the first and silently drop the second, such
-calls go to the model's own eager attention.
+Sliding windows, logit soft-capping (Gemma 2) and attention sinks (gpt-oss ``s_aux``) run
+exactly inside a context. Outside one, where ``sdpa`` would reject soft-capping and silently
+drop sinks, calls with either go to the model's own eager attention.
 """
 
 from __future__ import annotations
@@ -176,8 +176,10 @@ def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwarg
     otherwise build a document mask from them). What only a mask could express is refused:
     padding that hides tokens, windows or chunks shorter than the sequence that only the mask
     knows (registered families also pass their windows to the attention function, which
-    applies them), and model-specific mask functions. Refused model families (``hf_striped.patches``) raise here, before any layer. Transformers calls this once per forward on every rank, which also makes
-    it the point where the per-forward position check is reset.
+    applies them), and model-specific mask functions. Refused model families
+    (``hf_striped.patches``) raise here, before any layer. Transformers calls this once per
+    forward on every rank, which also makes it the point where the per-forward position check
+    is reset.
     """
     state = active_context()
     if state is None:

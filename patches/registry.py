@@ -115,6 +115,9 @@ REGISTRY: dict[str, Family] = {
         _exact("cohere"),
         _exact("glm"),
         _exact("gpt_oss", WINDOW, ROUTER_LOSS, checks=_MOE),
+        _exact("cohere2", WINDOW),
+        _exact("ministral", WINDOW),
+        _exact("starcoder2", WINDOW),
         *(
             _refused(t)
             for t in (
@@ -133,7 +136,7 @@ REGISTRY: dict[str, Family] = {
 UNTESTED: tuple[str, ...] = (
     "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "axk2", "bart", "beam", "bert",
     "bert-generation", "bigbird_pegasus", "biogpt", "bitnet", "blenderbot", "blenderbot-small", "blt", "camembert",
-    "codegen", "cohere2", "cohere2_moe", "cohere_compass_text", "ctrl", "cwm", "dbrx", "deepseek_v2", "deepseek_v3",
+    "codegen", "cohere2_moe", "cohere_compass_text", "ctrl", "cwm", "dbrx", "deepseek_v2", "deepseek_v3",
     "deepseek_v32", "deepseek_v4", "diffllama", "doge", "dory", "dots1", "dots3_note", "dots3_note_text", "electra",
     "emu3", "ernie", "ernie4_5", "ernie4_5_moe", "exaone4", "exaone_moe", "flex_olmo", "flint", "gemma3", "gemma3n",
     "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "git", "glm4", "glm4_moe",
@@ -141,11 +144,11 @@ UNTESTED: tuple[str, ...] = (
     "granitemoe_swa", "granitemoeshared", "helium", "hrm_text", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3",
     "hy_v4", "hyperclovax", "inkling2_loop_text", "inkling2_text", "inkling_text", "jais2", "jetmoe", "kolibri1",
     "laguna", "lara_mini", "llama4", "llama4_text", "longcat_flash", "marian", "mbart", "mellum", "mimo_v2_flash",
-    "minicpm3", "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mllama", "modernbert-decoder",
+    "minicpm3", "minimax_m2", "minimax_m3_vl_text", "ministral3", "mllama", "modernbert-decoder",
     "moshi", "moss_transcribe_diarize", "musicgen", "musicgen_melody", "nanochat", "nemotron", "olmo", "olmo3",
     "olmoe", "opt", "pegasus", "persimmon", "phi", "phi4_multimodal", "phimoe", "plbart", "qwen2_moe", "qwen4_exp",
     "qwen4_exp_text", "roberta", "roberta-prelayernorm", "roc_bert", "seed_oss", "solar_open", "stablelm",
-    "starcoder2", "vaultgemma", "whisper", "xlm-roberta", "xlm-roberta-xl", "xmod", "youtu", "zaya",
+    "vaultgemma", "whisper", "xlm-roberta", "xlm-roberta-xl", "xmod", "youtu", "zaya",
 )
 
 _warned: set[str] = set()

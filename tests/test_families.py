@@ -68,6 +68,13 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
     ),
     "cohere": ("CohereConfig", dict(use_qk_norm=True, logit_scale=0.5), "sdpa"),
     "glm": ("GlmConfig", {}, "sdpa"),  # partial rotary
+    "cohere2": (  # sliding layers with RoPE, full layers without positions (NoPE), parallel blocks
+        "Cohere2Config", dict(sliding_window=W, layer_types=SLIDING_FULL, logit_scale=0.5), "sdpa",
+    ),
+    "ministral": ("MinistralConfig", dict(sliding_window=W, layer_types=SLIDING_FULL), "sdpa"),
+    "starcoder2": (  # LayerNorm, biases, GELU MLP, window on every layer
+        "Starcoder2Config", dict(sliding_window=W, residual_dropout=0.0, embedding_dropout=0.0), "sdpa",
+    ),
     "gpt_oss": (  # attention sinks, alternating sliding/full layers
         "GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=4, sliding_window=W), "eager",
     ),
