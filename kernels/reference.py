@@ -15,20 +15,31 @@ def band_mask(sq: int, sk: int, band: tuple[int, int], device=None) -> torch.Ten
 
 
 def _scores(q, k, causal: bool, scale: float, acc_dtype, softcap: float | None = None,
-            band: tuple[int, int] | None = None) -> torch.Tensor:
+            band: tuple[int, int] | None = None, row0: int = 0) -> torch.Tensor:
     """Masked, scaled (and, with ``softcap``, soft-capped: ``cap * tanh(s / cap)``) scores
     ``[b, h, sq, sk]`` in ``acc_dtype``. ``band``, if given, replaces ``causal`` (see
-    :func:`band_mask`)."""
+    :func:`band_mask`). ``row0``: ``q`` holds the rows from ``row0`` on of a larger call (the
+    mask is that call's)."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc_dtype), k.to(acc_dtype)) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     sq, sk = q.shape[1], k.shape[1]
+    if band is None and causal:
+        band = (0, sq + row0)
     if band is not None:
-        s = s.masked_fill(~band_mask(sq, sk, band, q.device), float("-inf"))
-    elif causal:
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~band_mask(sq, sk, (band[0] - row0, band[1] - row0), q.device), float("-inf"))
     return s
+
+
+SCORE_ELEMENTS = 1 << 24
+"""The reference kernel works through query rows in chunks whose score matrix has at most about
+this many elements (64 MiB in float32), so long blocks do not need ``b * h * sq * sk`` memory."""
+
+
+def _row_chunks(q, k):
+    b, sq, h, _ = q.shape
+    rows = max(1, SCORE_ELEMENTS // max(1, b * h * k.shape[1]))
+    return [(r0, min(r0 + rows, sq)) for r0 in range(0, sq, rows)]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,27 +74,36 @@ class ReferenceKernel:
         g = gqa_groups(q, k)
         k, v = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
-        s = _scores(q, k, causal, scale, acc, self.softcap, band)
-        lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
-        p = _probs(s, lse)
-        out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
+        b, sq, h, _ = q.shape
+        out = torch.empty(b, sq, h, v.shape[-1], dtype=acc, device=q.device)
+        lse = torch.empty(b, h, sq, dtype=acc, device=q.device)
+        for r0, r1 in _row_chunks(q, k):
+            s = _scores(q[:, r0:r1], k, causal, scale, acc, self.softcap, band, r0)
+            lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
+            p = _probs(s, lse[:, :, r0:r1])
+            out[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
         return out, lse  # in the accumulation dtype: the ring rounds once, at the end
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, band=None):
         g = gqa_groups(q, k)
         ke, ve = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
-        s = _scores(q, ke, causal, scale, acc, self.softcap, band)
-        p = _probs(s, lse.to(acc))
-        do = dout.to(acc)
-        dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
-        dp = torch.einsum("bqhd,bkhd->bhqk", do, ve.to(acc))
-        delta = (do * out.to(acc)).sum(-1).transpose(1, 2)  # [b, h, sq]
-        ds = p * (dp - delta[..., None])
-        if self.softcap is not None:  # s = cap * tanh(raw / cap): d s / d raw = 1 - (s / cap)^2
-            ds = ds * (1 - (s.masked_fill(torch.isinf(s), 0.0) / self.softcap) ** 2)
-        dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke.to(acc)) * scale
-        dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc)) * scale
+        dq = torch.empty(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(ke.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
+        for r0, r1 in _row_chunks(q, ke):
+            qc = q[:, r0:r1]
+            s = _scores(qc, ke, causal, scale, acc, self.softcap, band, r0)
+            p = _probs(s, lse[:, :, r0:r1].to(acc))
+            do = dout[:, r0:r1].to(acc)
+            dv += torch.einsum("bhqk,bqhd->bkhd", p, do)
+            dp = torch.einsum("bqhd,bkhd->bhqk", do, ve.to(acc))
+            delta = (do * out[:, r0:r1].to(acc)).sum(-1).transpose(1, 2)  # [b, h, rows]
+            ds = p * (dp - delta[..., None])
+            if self.softcap is not None:  # s = cap * tanh(raw / cap): d s / d raw = 1 - (s / cap)^2
+                ds = ds * (1 - (s.masked_fill(torch.isinf(s), 0.0) / self.softcap) ** 2)
+            dq[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", ds, ke.to(acc)) * scale
+            dk += torch.einsum("bhqk,bqhd->bkhd", ds, qc.to(acc)) * scale
         return dq, reduce_kv_grad(dk, g), reduce_kv_grad(dv, g)
 
 
