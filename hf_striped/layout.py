@@ -171,9 +171,9 @@ def _runs(layout: str, rank: int, world_size: int, c: int) -> list[tuple[int, in
     return [(0, h, rank * h, 1), (h, c, (2 * world_size - 1 - rank) * h, 1)]
 
 
-BAND_ROWS = 64
-"""Rows per call when a band is cut into row chunks (bounds the reference kernel's score
-matrix at ``BAND_ROWS x (BAND_ROWS + band width)`` and its work at about ``c * BAND_ROWS``)."""
+BAND_ROWS = 128
+"""Rows per call when a band is cut into row chunks (bounds the reference kernel's work at
+about ``c * BAND_ROWS`` scores per block)."""
 
 
 def _call(q0: int, k0: int, m: int, n: int, lo: int, hi: int) -> list[Block]:
@@ -195,14 +195,20 @@ def _call(q0: int, k0: int, m: int, n: int, lo: int, hi: int) -> list[Block]:
 
 
 def _band(q0: int, k0: int, m: int, n: int, lo: int, hi: int) -> list[Block]:
-    """:func:`_call`'s set as calls of at most :data:`BAND_ROWS` rows. Each row chunk
-    ``[i0, i1)`` is cut where its keys change kind: keys ``[i0 - hi, i1 - 1 - hi)`` form a triangle
-    (a band call), ``[i1 - 1 - hi, i0 - lo]`` are seen by every row of the chunk (a full call, on
-    the fused kernel) and ``(i0 - lo, i1 - 1 - lo]`` form a strictly causal triangle (a causal
-    call once trimmed). Only the first triangle needs a band-capable kernel."""
+    """:func:`_call`'s set as calls of at most :data:`BAND_ROWS` rows. A band narrower than
+    that is one band call per row chunk. A wider one has each row chunk ``[i0, i1)`` cut where
+    its keys change kind: keys ``[i0 - hi, i1 - 1 - hi)`` form a triangle (a band call),
+    ``[i1 - 1 - hi, i0 - lo]`` are seen by every row of the chunk (a full call, on the fused
+    kernel) and ``(i0 - lo, i1 - 1 - lo]`` form a strictly causal triangle (a causal call once
+    trimmed); only the first triangle needs a band-capable kernel. (Measured on the CPU at 1k
+    tokens per rank: fewer, larger calls win for narrow bands, the fused kernel for wide ones.)"""
     calls = []
+    narrow = hi - lo + 1 < BAND_ROWS
     for i0 in range(0, m, BAND_ROWS):
         i1 = min(i0 + BAND_ROWS, m)
+        if narrow:
+            calls += _call(q0 + i0, k0, i1 - i0, n, lo - i0, hi - i0)
+            continue
         cuts = sorted({min(max(x, 0), n) for x in (i0 - hi, i1 - 1 - hi, i0 - lo + 1, i1 - lo)})
         for c0, c1 in zip(cuts, cuts[1:]):
             calls += _call(q0 + i0, k0 + c0, i1 - i0, c1 - c0, lo - i0 + c0, hi - i0 + c0)
