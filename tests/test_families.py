@@ -211,6 +211,17 @@ def test_refused_families_fail_fast(monkeypatch):
                 check_model(type("Cfg", (), {"model_type": family.model_type})())
 
 
+@pytest.mark.filterwarnings("ignore:hf_striped. sliding-window band blocks:RuntimeWarning")
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_windowed_family_under_the_other_layouts(dist_pool, tmp_path, batch, layout):
+    """The window bands depend on the layout; the baselines' layouts give the same model."""
+    path = build("mistral", tmp_path)
+    ref = _single_process_float64(path, batch, "sdpa")
+    base = models.single_process(path, batch, "sdpa", torch.float32)
+    per_rank = dist_pool(2).run(dist_workers.model_case, path, batch, layout)
+    _check(f"mistral window={W} CP=2 {layout}", per_rank, layout, ref, base)
+
+
 LONGROPE = dict(  # switch at 32 positions: the 48-token test sequence uses the long factors
     original_max_position_embeddings=32,
     rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=32,
