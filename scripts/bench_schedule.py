@@ -1,0 +1,223 @@
+"""Ring-schedule benchmark: how balanced each layout's ring is on this machine's real kernels.
+
+For P virtual ranks holding c tokens each, every (rank, step) block of the ring is timed alone
+(the exact per-step code of the schedule, ``hf_striped.schedule.forward_step`` /
+``backward_step``: kernel calls plus the fp32 merge), forward and backward. A ring step lasts as
+long as its slowest rank, so
+
+    critical path = sum over steps of max over ranks of the block time
+    efficiency    = ideal / critical path,  ideal = P/2 full (non-causal c x c) blocks
+    ratio         = critical path of the contiguous ring / critical path of the layout
+
+(DESIGN.md section 5; the ideal ratio is 2 - 1/P). Layouts and variants alternate inside every
+cell of every repeat, and each figure is a median over repeats, so a busy machine slows every
+variant alike. ``layout@split`` pins the causal split (``striped@0``: one causal kernel call
+per block, the naive schedule); a bare layout uses the kernel's ``causal_split``.
+
+The full ring is also run once per variant through the in-process transport (real schedule
+generators): its output must match the same layout unsplit, and its wall time is recorded.
+
+    python scripts/bench_schedule.py                       # CPU defaults, a few minutes
+    python scripts/bench_schedule.py --P 8 --tokens 4096 8192 --distinct --repeats 2
+    python scripts/bench_schedule.py --device cuda --dtype bfloat16 --heads 32 --kv-heads 8 \\
+        --head-dim 128 --P 8 --tokens 4096 16384 65536
+
+Rows go to ``benchmarks/results/schedule.csv`` (``scripts/plot_benchmarks.py`` draws them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from bench_common import RESULTS, Recorder, median, shape_str, timed
+from hf_striped.kernels import BACKENDS, select_kernel
+from hf_striped.layout import LAYOUTS, blocks
+from hf_striped.schedule import _acc_dtype, backward_step, backward_schedule, forward_schedule, forward_step, kernel_split
+from hf_striped.transport import run_inprocess
+
+DEFAULT_VARIANTS = ("striped", "striped@256", "zigzag", "contiguous")
+
+
+def parse_variant(v: str) -> tuple[str, int | None]:
+    layout, _, split = v.partition("@")
+    if layout not in LAYOUTS:
+        raise SystemExit(f"unknown layout in variant {v!r}; layouts are {', '.join(LAYOUTS)}")
+    return layout, (int(split) if split else None)
+
+
+def _inputs(P, b, c, h, hk, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda heads: [torch.randn(b, c, heads, d, generator=g).to(dtype=dtype, device=device) for _ in range(P)]  # noqa: E731
+    return mk(h), mk(hk), mk(hk), mk(h)
+
+
+def _ring(P, layout, split, qs, ks, vs, douts, kernel, scale):
+    """The full ring through the in-process transport: per-rank (out, lse, dq, dk, dv)."""
+    fwd = run_inprocess([
+        forward_schedule(qs[r], ks[r], vs[r], rank=r, world_size=P, layout=layout, causal=True, scale=scale,
+                         kernel=kernel, split=split) for r in range(P)
+    ])
+    outs = [o if getattr(kernel, "backward_in_float32", False) else o.to(qs[0].dtype) for o, _ in fwd]
+    bwd = run_inprocess([
+        backward_schedule(douts[r], qs[r], ks[r], vs[r], outs[r], fwd[r][1], rank=r, world_size=P, layout=layout,
+                          causal=True, scale=scale, kernel=kernel, split=split) for r in range(P)
+    ])
+    return [(fwd[r][0], fwd[r][1], *bwd[r]) for r in range(P)], outs
+
+
+def bench_shape(rec, P, c, args, variants, sync):
+    dtype = getattr(torch, args.dtype)
+    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    qs, ks, vs, douts = _inputs(P, b, c, h, hk, d, dtype, args.device)
+    kernel = select_kernel(args.backend, qs[0], ks[0], vs[0])
+    scale = d ** -0.5
+    acc = _acc_dtype(dtype)
+    base = dict(P=P, c=c, b=b, h=h, hk=hk, d=d, dtype=args.dtype, kernel=kernel.name)
+
+    # Whole-ring check (and the final out/lse every backward block needs).
+    outs_lses, reference = {}, {}
+    for v in variants:
+        layout, split = v
+        if not args.check:  # stand-in out/lse (timing does not depend on their values)
+            outs_lses[v] = []
+            for r in range(P):
+                o = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
+                lt = torch.full((b, c, h), float("-inf"), dtype=acc, device=args.device)
+                forward_step(qs[r], ks[r], vs[r], o, lt, blocks(layout, r, r, P, c, True), kernel, scale)
+                outs_lses[v].append((o if getattr(kernel, "backward_in_float32", False) else o.to(dtype),
+                                     lt.transpose(1, 2).contiguous()))
+            continue
+        t0 = time.perf_counter()
+        res, outs = _ring(P, layout, split, qs, ks, vs, douts, kernel, scale)
+        if sync:
+            sync()
+        wall = time.perf_counter() - t0
+        if layout not in reference:
+            reference[layout] = res if kernel_split(kernel, split) == 0 else _ring(P, layout, 0, qs, ks, vs, douts, kernel, scale)[0]
+        err = max(
+            float((a.double() - r.double()).abs().max())
+            for got, ref in zip(res, reference[layout]) for a, r in zip(got, ref)
+        )
+        outs_lses[v] = [(outs[r], res[r][1]) for r in range(P)]
+        rec.add(_name(v), shape_str(**base), "max_abs_diff_vs_unsplit", err)
+        rec.add(_name(v), shape_str(**base), "inprocess_ring_fwdbwd_s", wall)
+
+    cells = {(v, p, r, s): [] for v in variants for p in ("fwd", "bwd") for r in range(P) for s in range(P)}
+    full = {"fwd": [], "bwd": []}
+    full_blk = blocks("striped", 0, 0, P, c, False)
+    out0, lse0 = outs_lses[variants[0]][0]
+    order = list(variants)
+    for rep in range(args.repeats):
+        seen = {}
+        for s in range(P):
+            acc_out = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
+            acc_lse = torch.full((b, c, h), float("-inf"), dtype=acc, device=args.device)
+            dq = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
+            full["fwd"].append(timed(lambda: forward_step(qs[0], ks[1 % P], vs[1 % P], acc_out, acc_lse, full_blk, kernel, scale), sync))
+            full["bwd"].append(timed(lambda: backward_step(douts[0], qs[0], ks[1 % P], vs[1 % P], out0, lse0, dq, full_blk,
+                                                           kernel, scale, acc), sync))
+            for r in range(P):
+                src = (r - s) % P
+                order = order[1:] + order[:1]  # rotate: no variant always runs first
+                for v in order:
+                    layout, split = v
+                    blks = blocks(layout, r, src, P, c, True, split=kernel_split(kernel, split))
+                    key = (v, s, repr(blks))
+                    if args.distinct and key in seen:  # same work as a cell timed above
+                        for p in ("fwd", "bwd"):
+                            cells[(v, p, r, s)].append(cells[(v, p, seen[key], s)][-1])
+                        continue
+                    seen[key] = r
+                    acc_out.zero_()
+                    acc_lse.fill_(float("-inf"))
+                    cells[(v, "fwd", r, s)].append(timed(
+                        lambda: forward_step(qs[r], ks[src], vs[src], acc_out, acc_lse, blks, kernel, scale), sync))
+                    out, lse = outs_lses[v][r]
+                    cells[(v, "bwd", r, s)].append(timed(
+                        lambda: backward_step(douts[r], qs[r], ks[src], vs[src], out, lse, dq, blks, kernel, scale, acc),
+                        sync))
+
+    unit = {p: median(full[p]) for p in full}
+    rec.add("full_block", shape_str(**base, pass_="fwd"), "block_s", unit["fwd"])
+    rec.add("full_block", shape_str(**base, pass_="bwd"), "block_s", unit["bwd"])
+    med = {key: median(ts) for key, ts in cells.items()}
+    summary = {}
+    for v in variants:
+        crit = {}
+        for p in ("fwd", "bwd"):
+            crit[p] = sum(max(med[(v, p, r, s)] for r in range(P)) for s in range(P))
+            for r, s in itertools.product(range(P), range(P)):
+                rec.add(_name(v), shape_str(**base, pass_=p, rank=r, step=s), "block_s", med[(v, p, r, s)])
+        crit["fwdbwd"] = crit["fwd"] + crit["bwd"]
+        unit["fwdbwd"] = unit["fwd"] + unit["bwd"]
+        for p in ("fwd", "fwdbwd"):
+            ideal = P / 2 * unit[p]
+            summary[(v, p)] = crit[p]
+            rec.add(_name(v), shape_str(**base, pass_=p), "critical_path_s", crit[p])
+            rec.add(_name(v), shape_str(**base, pass_=p), "efficiency", ideal / crit[p])
+    for v in variants:
+        for p in ("fwd", "fwdbwd"):
+            contiguous = [k for k in variants if k[0] == "contiguous"]
+            if contiguous:
+                rec.add(_name(v), shape_str(**base, pass_=p), "ratio_to_contiguous",
+                        summary[(contiguous[0], p)] / summary[(v, p)])
+    return unit, summary
+
+
+def _name(v) -> str:
+    layout, split = v
+    return layout if split is None else f"{layout}@{split}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--P", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048], help="tokens per rank (c)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                    help="layout or layout@split (split 0 = one causal call per block)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared machine oversubscribed OpenMP threads "
+                         "spin and distort timings far more than plain time sharing)")
+    ap.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the whole-ring run through the in-process transport (slow at large shapes)")
+    ap.add_argument("--distinct", action="store_true",
+                    help="time only one cell per distinct block list in each step (identical work) and "
+                         "reuse it for the others: for large shapes; the heatmap then repeats values")
+    ap.add_argument("--out", default=str(RESULTS / "schedule.csv"))
+    args = ap.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variants]
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
+    rec = Recorder("schedule", args.out, args.device)
+    print(f"# {rec.hardware} | {rec.versions}")
+    print(f"{'P':>3} {'c':>6} {'variant':<14} {'eff fwd':>8} {'eff f+b':>8} {'x contig fwd':>13} {'x contig f+b':>13} (ideal {'':>0})")
+    try:
+        for P, c in itertools.product(args.P, args.tokens):
+            unit, summary = bench_shape(rec, P, c, args, variants, sync)
+            for v in variants:
+                cont = [k for k in variants if k[0] == "contiguous"]
+                rf = summary[(cont[0], "fwd")] / summary[(v, "fwd")] if cont else float("nan")
+                rb = summary[(cont[0], "fwdbwd")] / summary[(v, "fwdbwd")] if cont else float("nan")
+                ef = P / 2 * unit["fwd"] / summary[(v, "fwd")]
+                eb = P / 2 * unit["fwdbwd"] / summary[(v, "fwdbwd")]
+                print(f"{P:>3} {c:>6} {_name(v):<14} {ef:>8.3f} {eb:>8.3f} {rf:>13.3f} {rb:>13.3f} ({2 - 1 / P:.3f})", flush=True)
+    finally:
+        if rec.rows:
+            print(f"# {len(rec.rows)} rows appended to {rec.write()}")
+
+
+if __name__ == "__main__":
+    main()
