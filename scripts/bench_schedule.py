@@ -10,9 +10,11 @@ long as its slowest rank, so
     ratio         = critical path of the contiguous ring / critical path of the layout
 
 (DESIGN.md section 5; the ideal ratio is 2 - 1/P). Layouts and variants alternate inside every
-cell of every repeat, and each figure is a median over repeats, so a busy machine slows every
-variant alike. ``layout@split`` pins the causal split (``striped@0``: one causal kernel call
-per block, the naive schedule); a bare layout uses the kernel's ``causal_split``.
+cell of every repeat, and each figure is a median over repeats. On the CPU blocks are timed by
+the process's CPU time (one thread by default), so other work on a shared machine does not
+inflate them; ``--clock wall`` times elapsed seconds instead. ``layout@split`` pins the causal
+split (``striped@256``: causal blocks split down to 256-token diagonal pieces, see
+``hf_striped.layout.blocks``); a bare layout uses the kernel's ``causal_split``.
 
 The full ring is also run once per variant through the in-process transport (real schedule
 generators): its output must match the same layout unsplit, and its wall time is recorded.
@@ -76,7 +78,8 @@ def bench_shape(rec, P, c, args, variants, sync):
     kernel = select_kernel(args.backend, qs[0], ks[0], vs[0])
     scale = d ** -0.5
     acc = _acc_dtype(dtype)
-    base = dict(P=P, c=c, b=b, h=h, hk=hk, d=d, dtype=args.dtype, kernel=kernel.name)
+    base = dict(P=P, c=c, b=b, h=h, hk=hk, d=d, dtype=args.dtype, kernel=kernel.name, clock=args.clock)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     # Whole-ring check (and the final out/lse every backward block needs).
     outs_lses, reference = {}, {}
@@ -117,9 +120,9 @@ def bench_shape(rec, P, c, args, variants, sync):
             acc_out = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
             acc_lse = torch.full((b, c, h), float("-inf"), dtype=acc, device=args.device)
             dq = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
-            full["fwd"].append(timed(lambda: forward_step(qs[0], ks[1 % P], vs[1 % P], acc_out, acc_lse, full_blk, kernel, scale), sync))
+            full["fwd"].append(timed(lambda: forward_step(qs[0], ks[1 % P], vs[1 % P], acc_out, acc_lse, full_blk, kernel, scale), sync, clock))
             full["bwd"].append(timed(lambda: backward_step(douts[0], qs[0], ks[1 % P], vs[1 % P], out0, lse0, dq, full_blk,
-                                                           kernel, scale, acc), sync))
+                                                           kernel, scale, acc), sync, clock))
             for r in range(P):
                 src = (r - s) % P
                 order = order[1:] + order[:1]  # rotate: no variant always runs first
@@ -135,11 +138,11 @@ def bench_shape(rec, P, c, args, variants, sync):
                     acc_out.zero_()
                     acc_lse.fill_(float("-inf"))
                     cells[(v, "fwd", r, s)].append(timed(
-                        lambda: forward_step(qs[r], ks[src], vs[src], acc_out, acc_lse, blks, kernel, scale), sync))
+                        lambda: forward_step(qs[r], ks[src], vs[src], acc_out, acc_lse, blks, kernel, scale), sync, clock))
                     out, lse = outs_lses[v][r]
                     cells[(v, "bwd", r, s)].append(timed(
                         lambda: backward_step(douts[r], qs[r], ks[src], vs[src], out, lse, dq, blks, kernel, scale, acc),
-                        sync))
+                        sync, clock))
 
     unit = {p: median(full[p]) for p in full}
     rec.add("full_block", shape_str(**base, pass_="fwd"), "block_s", unit["fwd"])
@@ -192,12 +195,16 @@ def main(argv=None):
                          "spin and distort timings far more than plain time sharing)")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the whole-ring run through the in-process transport (slow at large shapes)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="cpu: this process's CPU time (default on the CPU: a machine shared with other work "
+                         "then slows no block); wall: elapsed time (default on CUDA, with synchronisation)")
     ap.add_argument("--distinct", action="store_true",
                     help="time only one cell per distinct block list in each step (identical work) and "
                          "reuse it for the others: for large shapes; the heatmap then repeats values")
     ap.add_argument("--out", default=str(RESULTS / "schedule.csv"))
     args = ap.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else None

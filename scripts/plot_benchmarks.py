@@ -86,6 +86,10 @@ def plot_efficiency(plt, summ, out, hw):
                          and "efficiency_fwdbwd" in d)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
         ax.axhline(0.95, color="gray", ls="--", lw=0.8)
+        cs = sorted({k[2] for k in summ if k[1] == P})
+        if cs:  # every striped step is a causal block: 0.5 + 256/c full blocks on the CPU op (README)
+            ax.plot(cs, [0.5 / (0.5 + 256 / c) for c in cs], color="gray", ls=":", lw=1,
+                    label="0.5 / (0.5 + 256/c)")
         ax.set_xscale("log", base=2)
         ax.set_title(f"P = {P}", fontsize=9)
         ax.set_xlabel("tokens per rank")
@@ -103,7 +107,8 @@ def plot_memory(plt, path, out, hw):
     peak = sorted((r["s"]["P"], float(r["value"]) / 2**20, r["s"]["N"]) for r in rows if r["figure"] == "peak_bytes")
     longest = sorted((r["s"]["P"], float(r["value"]), r["s"]["cap_mib"]) for r in rows
                      if r["figure"] == "max_tokens_under_cap")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.3))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig.subplots_adjust(wspace=0.4)
     if peak:
         a.plot([p[0] for p in peak], [p[1] for p in peak], marker="o", label="measured")
         a.plot([p[0] for p in peak], [peak[0][1] * peak[0][0] / p[0] for p in peak], ls="--", color="gray",
@@ -138,6 +143,23 @@ def summary_table(summ) -> str:
     return "\n".join(lines) + "\n"
 
 
+def block_cost_table(cells, unit) -> str:
+    """Median (rank, step) block cost in full blocks, fwd + bwd: what one ring step costs each
+    layout (zigzag and contiguous: steps >= 1, where their blocks are half or whole)."""
+    shapes = sorted({(k[1], k[2]) for k in cells})
+    variants = sorted({k[0] for k in cells}, key=_variant_sort)
+    head = "| P | tokens/rank | " + " | ".join(variants) + " | half block + kv-tile waste: 0.5 + 256/c |"
+    lines = [head, "|" + "---|" * (len(variants) + 3)]
+    for P, c in shapes:
+        row = []
+        for v in variants:
+            xs = sorted(t / unit[(P, c)] for k, t in cells.items() if k[0] == v and k[1] == P and k[2] == c
+                        and (v.startswith("striped") or k[4] >= 1) and t > 0)
+            row.append(f"{xs[len(xs) // 2]:.3f}" if xs else "")
+        lines.append(f"| {P} | {c} | " + " | ".join(row) + f" | {0.5 + 256 / c:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(RESULTS))
@@ -157,7 +179,7 @@ def main(argv=None):
         if plot_heatmap(plt, cells, unit, *args.heatmap, out / "schedule_heatmap.png", hw):
             written.append("schedule_heatmap.png")
         plot_efficiency(plt, summ, out / "efficiency.png", hw)
-        (out / "summary.md").write_text(summary_table(summ))
+        (out / "summary.md").write_text(summary_table(summ) + "\n" + block_cost_table(cells, unit))
         written += ["efficiency.png", "summary.md"]
     if (res / "memory.csv").exists():
         hw = read_rows(res / "memory.csv")[-1]["hardware"]
