@@ -19,42 +19,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import weakref
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from bench_common import RESULTS, Recorder, shape_str, spawn_ranks
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage allocated under this mode and still alive, and their peak.
-    Views and in-place results share an input's storage and are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key, nbytes = st.data_ptr(), st.nbytes()
-                if nbytes and key not in self._seen and key not in inputs:
-                    self._seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key, nbytes)
-        return out
 
 
 def _config(args, n):
@@ -69,6 +38,7 @@ def _config(args, n):
 
 def _step_peak(model, n, group, layout, vocab) -> int:
     import hf_striped
+    from hf_striped.memory import LiveBytes
 
     g = torch.Generator().manual_seed(n)
     ids = torch.randint(3, vocab, (1, n), generator=g)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import hf_striped
+from hf_striped.memory import LiveBytes
+from hf_striped.layout import unshard_local
 from hf_striped.ring import ring_attention_with_lse
 
 
@@ -138,37 +137,6 @@ class _CommSpy:
             setattr(dist, name, fn)
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage allocated under this mode and still alive, and their peak.
-
-    Every op's output storage is counted once when first seen and uncounted when Python frees
-    it (storages keep their Python object, so ``weakref.finalize`` fires exactly then)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # views and in-place results share an input's storage: not an allocation
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key, nbytes = st.data_ptr(), st.nbytes()
-                if nbytes and key not in self._seen and key not in inputs:
-                    self._seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key, nbytes)
-        return out
-
-
 def ring_memory(rank, world, case, layout):
     """Forward + backward of ring attention while recording (a) every collective and P2P message
     and (b) the peak of tensor bytes allocated during the op and alive at once."""
@@ -224,3 +192,40 @@ def reused_positions(rank, world, model_dir, input_ids):
         first = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         second = model(input_ids=ids, position_ids=pos if rank == 0 else pos.clone(), use_cache=False).logits
     return torch.equal(first, second)
+
+
+def ring_feature_cases(rank, world, items):
+    """Each ``(q, k, v, dout, layout, options)`` through ``ring_attention_with_lse`` over WORLD
+    (``world == 1``: no process group), ``options`` being its ``softcap``, ``window`` and
+    ``sinks`` (a tensor, made a leaf here). Returns this rank's out, lse, dq, dk, dv (+ dsinks)."""
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # the reference kernel's speed warnings
+    group = dist.group.WORLD if world > 1 else None
+    results = []
+    for q, k, v, dout, layout, options in items:
+        ql, kl, vl, dl = (hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout))
+        for t in (ql, kl, vl):
+            t.requires_grad_()
+        sinks = options.get("sinks")
+        sinks = sinks.clone().requires_grad_() if sinks is not None else None
+        out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, window=options.get("window"),
+                                           softcap=options.get("softcap"), sinks=sinks)
+        out.backward(dl)
+        res = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
+        if sinks is not None:
+            res["dsinks"] = sinks.grad
+        results.append(res)
+    return results
+
+
+def unshard_feature_results(per_rank, i, layout, with_sinks):
+    """Item ``i`` of :func:`ring_feature_cases` on every rank, in natural order, and the names
+    to compare (the sinks are a replicated parameter: their gradient is the sum over ranks)."""
+    ours = {name: unshard_local([r[i][name] for r in per_rank], 1, layout) for name in ("out", "dq", "dk", "dv")}
+    ours["lse"] = unshard_local([r[i]["lse"] for r in per_rank], 2, layout)
+    names = ["out", "lse", "dq", "dk", "dv"]
+    if with_sinks:
+        ours["dsinks"] = sum(r[i]["dsinks"].double() for r in per_rank)
+        names.append("dsinks")
+    return ours, names

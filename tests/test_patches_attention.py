@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-import hf_striped
+from dist_workers import ring_feature_cases, unshard_feature_results
 from exactness import Case, assert_exact
 from hf_striped.kernels.reference import plain_attention
-from hf_striped.layout import LAYOUTS, unshard_local
-from hf_striped.ring import ring_attention_with_lse
+from hf_striped.layout import LAYOUTS
 
 VARIANTS = {"softcap": dict(softcap=1.5), "sinks": dict(sinks=True), "both": dict(softcap=3.0, sinks=True)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,27 +40,11 @@ def _plain(case: Case, variant: dict, dtype):
     return res
 
 
-def ring_variant_cases(rank, world, cases):
-    """Every (case, variant, layout) through ring attention over WORLD; this rank's results."""
-    import warnings
-
-    warnings.simplefilter("ignore", RuntimeWarning)  # the reference kernel's speed warning
-    group = dist.group.WORLD
-    results = []
-    for case, variant, layout in cases:
-        q, k, v, dout = _inputs(case)
-        ql, kl, vl, dl = (hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout))
-        for t in (ql, kl, vl):
-            t.requires_grad_()
-        sinks = _sinks(case).requires_grad_() if variant.get("sinks") else None
-        out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, softcap=variant.get("softcap"),
-                                           sinks=sinks)
-        out.backward(dl)
-        res = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
-        if sinks is not None:
-            res["dsinks"] = sinks.grad
-        results.append(res)
-    return results
+def _items(cases):
+    return [
+        (*_inputs(case), layout, dict(softcap=variant.get("softcap"), sinks=_sinks(case) if variant.get("sinks") else None))
+        for case, variant, layout in cases
+    ]
 
 
 def _cases():
@@ -76,71 +58,10 @@ def _cases():
 @pytest.mark.parametrize("P", [1, 2, 3])
 def test_softcap_and_sinks_exact_across_ranks(dist_pool, P):
     cases = _cases()
-    per_rank = [_alone(cases)] if P == 1 else dist_pool(P).run(ring_variant_cases, cases)
+    items = _items(cases)
+    per_rank = [ring_feature_cases(0, 1, items)] if P == 1 else dist_pool(P).run(ring_feature_cases, items)
     for i, (case, variant, layout) in enumerate(cases):
-        ours = {}
-        for name in ("out", "dq", "dk", "dv"):
-            ours[name] = unshard_local([r[i][name] for r in per_rank], 1, layout)
-        ours["lse"] = unshard_local([r[i]["lse"] for r in per_rank], 2, layout)
-        names = ["out", "lse", "dq", "dk", "dv"]
-        if variant.get("sinks"):
-            ours["dsinks"] = sum(r[i]["dsinks"].double() for r in per_rank)  # replicated parameter: sum over ranks
-            names.append("dsinks")
+        ours, names = unshard_feature_results(per_rank, i, layout, bool(variant.get("sinks")))
         ref, base = _plain(case, variant, torch.float64), _plain(case, variant, case.dtype)
         label = f"P={P} {layout} {case.dtype} " + ",".join(f"{k}={v}" for k, v in variant.items())
         assert_exact(label, ours, ref, base, names)
-
-
-def _alone(cases):
-    """P = 1 without a process group (group=None)."""
-    import warnings
-
-    warnings.simplefilter("ignore", RuntimeWarning)
-    results = []
-    for case, variant, _layout in cases:
-        q, k, v, dout = _inputs(case)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        sinks = _sinks(case).requires_grad_() if variant.get("sinks") else None
-        out, lse = ring_attention_with_lse(*leaves, softcap=variant.get("softcap"), sinks=sinks)
-        out.backward(dout)
-        res = dict(out=out.detach(), lse=lse, dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
-        if sinks is not None:
-            res["dsinks"] = sinks.grad
-        results.append(res)
-    return results
-
-
-def test_softcap_warns_once_about_speed_and_bad_arguments_raise():
-    import hf_striped.ring as ring
-
-    ring._SOFTCAP_WARNED.clear()
-    q, k, v, _ = Case(batch=1, seq=8).inputs()
-    with pytest.warns(RuntimeWarning, match="soft-capping runs on the plain PyTorch 'reference' kernel"):
-        hf_striped.ring_attention(q, k, v, softcap=2.0)
-    with pytest.warns(RuntimeWarning, match="backend 'torch_cpu' cannot soft-cap"):
-        hf_striped.ring_attention(q, k, v, softcap=2.0, backend="torch_cpu")
-    with pytest.raises(ValueError, match="softcap must be positive"):
-        hf_striped.ring_attention(q, k, v, softcap=0.0)
-    with pytest.raises(ValueError, match="one logit per query head"):
-        hf_striped.ring_attention(q, k, v, sinks=torch.zeros(q.shape[2] + 1))
-
-
-@pytest.mark.parametrize("mask", ["causal", "full", "band"])
-def test_reference_kernel_row_chunks_change_nothing(monkeypatch, mask):
-    """The reference kernel bounds memory by working through query rows in chunks; with chunks
-    of a few rows it must give what one chunk gives (same math per row; dk/dv summed over
-    chunks), soft-capping included."""
-    import hf_striped.kernels.reference as ref_module
-
-    q, k, v, dout = Case(batch=2, seq=20, dtype=torch.float64).inputs()
-    kern = ref_module.ReferenceKernel(softcap=1.5)
-    kwargs = dict(band=(-3, 4)) if mask == "band" else {}
-    causal = mask == "causal"
-    whole = kern.forward(q, k, v, causal, 0.3, **kwargs)
-    whole_grads = kern.backward(dout, q, k, v, *whole, causal, 0.3, **kwargs)
-    monkeypatch.setattr(ref_module, "SCORE_ELEMENTS", 2 * 6 * 20 * 3)  # 3 rows per chunk
-    assert len(ref_module._row_chunks(q, k)) == 7
-    chunked = kern.forward(q, k, v, causal, 0.3, **kwargs)
-    chunked_grads = kern.backward(dout, q, k, v, *chunked, causal, 0.3, **kwargs)
-    for a, b in zip((*whole, *whole_grads), (*chunked, *chunked_grads)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

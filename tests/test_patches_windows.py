@@ -11,13 +11,13 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import hf_striped
+from dist_workers import ring_feature_cases, unshard_feature_results
 from exactness import Case, assert_exact
 from hf_striped.kernels.reference import band_mask, plain_attention
 from hf_striped.layout import LAYOUTS, blocks, global_indices, shard_local, unshard_local
-from hf_striped.ring import ring_attention_inprocess, ring_attention_with_lse
+from hf_striped.ring import ring_attention_inprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:hf_striped. sliding-window band blocks:RuntimeWarning")
 
@@ -102,43 +102,23 @@ def test_windowed_ring_in_process_is_exact(P, layout):
         (Case(seq=n, dtype=torch.bfloat16, seed=5), 7),
         (Case(seq=n, dtype=torch.float32, seed=6), n - 1),
     ]:
-        q, k, v, dout = case.inputs()
-        parts = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-        outs, lses = ring_attention_in_process_window(parts, layout, window)
-        sum((o.float() * shard_local(dout, 1, layout, r, P).float()).sum() for r, o in enumerate(outs)).backward()
-        ours = dict(
-            out=unshard_local(outs, 1, layout), lse=unshard_local(lses, 2, layout),
-            dq=unshard_local([t.grad for t in parts[0]], 1, layout),
-            dk=unshard_local([t.grad for t in parts[1]], 1, layout),
-            dv=unshard_local([t.grad for t in parts[2]], 1, layout),
-        )
-        ref, base = _plain(q, k, v, dout, window, torch.float64), _plain(q, k, v, dout, window, case.dtype)
-        assert_exact(f"in-process P={P} {layout} window={window} {case.dtype} d={case.head_dim}", ours, ref, base)
+        _check_in_process(case, P, layout, window, f"in-process P={P} {layout} window={window} {case.dtype} d={case.head_dim}")
 
 
-def ring_attention_in_process_window(parts, layout, window):
-    return ring_attention_inprocess(*parts, layout=layout, window=window)
-
-
-def windowed_ring_cases(rank, world, cases):
-    """Each (case, layout, window, softcap, with_sinks) through ring attention over WORLD."""
-    warnings.simplefilter("ignore", RuntimeWarning)  # reference-kernel speed warnings
-    group = dist.group.WORLD
-    results = []
-    for case, layout, window, softcap, with_sinks in cases:
-        q, k, v, dout = case.inputs()
-        ql, kl, vl, dl = (hf_striped.shard(t, dim=1, group=group, layout=layout).clone() for t in (q, k, v, dout))
-        for t in (ql, kl, vl):
-            t.requires_grad_()
-        sinks = _sinks(case).requires_grad_() if with_sinks else None
-        out, lse = ring_attention_with_lse(ql, kl, vl, group=group, layout=layout, window=window, softcap=softcap,
-                                           sinks=sinks)
-        out.backward(dl)
-        res = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
-        if sinks is not None:
-            res["dsinks"] = sinks.grad
-        results.append(res)
-    return results
+def _check_in_process(case, P, layout, window, label):
+    """P virtual ranks in one process: out, lse, dq, dk, dv within the rule."""
+    q, k, v, dout = case.inputs()
+    parts = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
+    outs, lses = ring_attention_inprocess(*parts, layout=layout, window=window)
+    sum((o.float() * shard_local(dout, 1, layout, r, P).float()).sum() for r, o in enumerate(outs)).backward()
+    ours = dict(
+        out=unshard_local(outs, 1, layout), lse=unshard_local(lses, 2, layout),
+        dq=unshard_local([t.grad for t in parts[0]], 1, layout),
+        dk=unshard_local([t.grad for t in parts[1]], 1, layout),
+        dv=unshard_local([t.grad for t in parts[2]], 1, layout),
+    )
+    ref, base = _plain(q, k, v, dout, window, torch.float64), _plain(q, k, v, dout, window, case.dtype)
+    assert_exact(label, ours, ref, base)
 
 
 def _sinks(case):
@@ -156,15 +136,12 @@ def test_windowed_ring_on_gloo_is_exact(dist_pool, P):
         (Case(seq=24, seed=14), "striped", 6, 2.0, True),
         (Case(seq=24, seed=15, dtype=torch.bfloat16), "striped", 4, None, True),
     ]
-    per_rank = dist_pool(P).run(windowed_ring_cases, cases)
+    items = [(*case.inputs(), layout, dict(window=window, softcap=softcap, sinks=_sinks(case) if with_sinks else None))
+             for case, layout, window, softcap, with_sinks in cases]
+    per_rank = dist_pool(P).run(ring_feature_cases, items)
     for i, (case, layout, window, softcap, with_sinks) in enumerate(cases):
-        ours = {name: unshard_local([r[i][name] for r in per_rank], 1, layout) for name in ("out", "dq", "dk", "dv")}
-        ours["lse"] = unshard_local([r[i]["lse"] for r in per_rank], 2, layout)
-        names = ["out", "lse", "dq", "dk", "dv"]
+        ours, names = unshard_feature_results(per_rank, i, layout, with_sinks)
         sinks = _sinks(case) if with_sinks else None
-        if with_sinks:
-            ours["dsinks"] = sum(r[i]["dsinks"].double() for r in per_rank)
-            names.append("dsinks")
         q, k, v, dout = case.inputs()
         ref = _plain(q, k, v, dout, window, torch.float64, softcap, sinks)
         base = _plain(q, k, v, dout, window, case.dtype, softcap, sinks)
@@ -194,15 +171,4 @@ def test_windowed_ring_with_band_row_chunks_is_exact(monkeypatch, P):
     n = 48
     for i, (layout, window) in enumerate([("striped", 13), ("striped", 40), ("contiguous", 30), ("zigzag", 11)]):
         case = Case(seq=n, seed=20 + i)
-        q, k, v, dout = case.inputs()
-        parts = [[shard_local(t, 1, layout, r, P).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
-        outs, lses = ring_attention_in_process_window(parts, layout, window)
-        sum((o * shard_local(dout, 1, layout, r, P)).sum() for r, o in enumerate(outs)).backward()
-        ours = dict(
-            out=unshard_local(outs, 1, layout), lse=unshard_local(lses, 2, layout),
-            dq=unshard_local([t.grad for t in parts[0]], 1, layout),
-            dk=unshard_local([t.grad for t in parts[1]], 1, layout),
-            dv=unshard_local([t.grad for t in parts[2]], 1, layout),
-        )
-        ref, base = _plain(q, k, v, dout, window, torch.float64), _plain(q, k, v, dout, window, case.dtype)
-        assert_exact(f"band chunks P={P} {layout} window={window}", ours, ref, base)
+        _check_in_process(case, P, layout, window, f"band chunks P={P} {layout} window={window}")

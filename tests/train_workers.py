@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 import hf_striped  # noqa: F401 - registers striped_ring
 from hf_striped.parallel import ContextParallel
