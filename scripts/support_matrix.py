@@ -43,7 +43,7 @@ def render() -> str:
     lines += [
         "",
         "Every family: " + "; ".join(GLOBAL_LIMITATIONS) + ". The attention-level refusals listed under "
-        "[Use](#use) apply to all of them, except soft-capping, attention sinks and sliding windows, which now run exactly.",
+        "[Use](#use-the-ring-without-the-training-stack) apply to all of them.",
         "",
         f"Untested: {len(UNTESTED)} further families Transformers ships with a causal-LM class on the "
         "attention interface (`UNTESTED` in `patches/registry.py`), and any unknown `model_type`, run "
