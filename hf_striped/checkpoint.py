@@ -46,6 +46,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, state: dict, keep:
     ``state`` must be JSON-serialisable. ``keep``: delete older complete checkpoints beyond the
     newest ``keep``.
     """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 (or None to keep every checkpoint), got {keep}")
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if accelerator.is_main_process:
@@ -56,14 +58,36 @@ def save_checkpoint(accelerator, root: str | Path, step: int, state: dict, keep:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / STATE_FILE, {**state, "step": step})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the checkpoint becomes visible complete, or not at all
-        if keep is not None:
-            for old in complete_checkpoints(root)[:-keep]:
+        if final.exists():  # a re-save of this step: move the old one out of the way first
+            trash = root / f".step-{step:08d}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)  # the checkpoint becomes visible complete, or not at all
+        if keep is not None:  # prune older ones only: never a checkpoint ahead of this one
+            older = [p for p in complete_checkpoints(root) if int(_NAME.match(p.name).group(1)) < step]
+            for old in older[: max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step-<number>)")
+    return int(m.group(1))
+
+
+def remove_incomplete(root: str | Path) -> list[Path]:
+    """Delete the temporary folders of saves that never finished (a kill mid-save); return them."""
+    root = Path(root)
+    stale = [p for p in root.glob(".step-*.tmp")] + [p for p in root.glob(".step-*.old")] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def load_checkpoint(accelerator, path: str | Path) -> dict:

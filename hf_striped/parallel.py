@@ -31,6 +31,14 @@ from .layout import check_layout
 from .sharding import unshard
 
 
+def collective_device(group=None) -> torch.device:
+    """Where tensors for a collective on ``group`` must live: NCCL groups (Accelerate's default on
+    GPUs) have no CPU backend, so their small bookkeeping collectives run on this rank's GPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_cp_size(cp_size: int, world_size: int) -> None:
     """Raise a ``ValueError`` that says how to fix a CP size the world cannot be split by."""
     if not isinstance(cp_size, int) or cp_size < 1:
@@ -129,9 +137,10 @@ class ContextParallel:
                     "batch has no cp_fingerprint: build batches with ContextParallel.collator() (or pass "
                     "check_batches=False if you stripe them yourself)"
                 )
-            fp = fp.to(torch.int64).reshape(-1).cpu()
+            fp = fp.to(torch.int64).reshape(-1).to(collective_device(self.cp_group))
             parts = [torch.empty_like(fp) for _ in range(self.cp_size)]
             dist.all_gather(parts, fp, group=self.cp_group)
+            parts = [p.cpu() for p in parts]
             differ = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
             if differ:
                 raise ValueError(
@@ -148,9 +157,10 @@ class ContextParallel:
         """Non-ignored target tokens of one optimizer step over the whole world: the
         ``num_items_in_batch`` every rank divides its summed loss by."""
         total = sum(int(b["shift_labels"].ne(IGNORE_INDEX).sum()) for b in batches)
-        t = torch.tensor(total, dtype=torch.int64)
+        t = torch.tensor(total, dtype=torch.int64, device=collective_device())
         if self.world_size > 1:
             dist.all_reduce(t)
+        t = t.cpu()
         if t.item() == 0:
             raise ValueError("this optimizer step has no target tokens (every label is -100): check the data")
         return t
@@ -181,10 +191,11 @@ class ContextParallel:
 
     def reduce_sum(self, value: torch.Tensor | float, group: str = "world") -> torch.Tensor:
         """Sum a scalar over the world (or ``group="cp"``) without autograd (for logging)."""
-        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().clone()
+        pg = self.cp_group if group == "cp" else None
+        t = torch.as_tensor(value, dtype=torch.float64).detach().to(collective_device(pg)).clone()
         if self.world_size > 1:
-            dist.all_reduce(t, group=self.cp_group if group == "cp" else None)
-        return t
+            dist.all_reduce(t, group=pg)
+        return t.cpu()
 
     # -- outputs ------------------------------------------------------------------------------
 

@@ -47,9 +47,25 @@ def load_rows(data_files: list[str] | None, text_column: str = "text") -> tuple[
     return ds, ", ".join(Path(f).name for f in data_files)
 
 
+def _packed_rows(ds: datasets.Dataset, seq_len: int, eos_id: int | None):
+    """Rows of exactly ``seq_len`` tokens from the documents joined with EOS, carrying what is
+    left of each batch of documents into the next, so only the stream's final remainder is lost."""
+    buf: list[int] = []
+    for batch in ds.iter(batch_size=1000):
+        for ids in batch["input_ids"]:
+            buf.extend(ids)
+            if eos_id is not None:
+                buf.append(eos_id)
+        n = len(buf) // seq_len * seq_len
+        for i in range(0, n, seq_len):
+            yield {"input_ids": buf[i : i + seq_len]}
+        del buf[:n]
+
+
 def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text", eos_id: int | None = None) -> datasets.Dataset:
     """Tokenize (unless ``input_ids`` is already there), join documents with EOS and cut the
-    stream into rows of exactly ``seq_len`` tokens (the remainder is dropped)."""
+    stream into rows of exactly ``seq_len`` tokens (only the stream's final remainder, fewer than
+    ``seq_len`` tokens, is dropped)."""
     if "input_ids" not in ds.column_names:
         if tokenizer is None:
             raise ValueError("the dataset has no input_ids column and the model folder has no tokenizer")
@@ -64,16 +80,12 @@ def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text
     else:
         ds = ds.select_columns(["input_ids"])
 
-    def chunk(batch):
-        stream = []
-        for ids in batch["input_ids"]:
-            stream.extend(ids)
-            if eos_id is not None:
-                stream.append(eos_id)
-        n = len(stream) // seq_len * seq_len
-        return {"input_ids": [stream[i : i + seq_len] for i in range(0, n, seq_len)]}
-
-    packed = ds.map(chunk, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
-    if len(packed) == 0:
-        raise ValueError(f"the data holds fewer than {seq_len} tokens: use more text or a shorter --seq-len")
+    total = sum(len(ids) + (eos_id is not None) for b in ds.iter(batch_size=1000) for ids in b["input_ids"])
+    if total < seq_len:
+        raise ValueError(f"the data holds {total} tokens, fewer than {seq_len}: use more text or a shorter --seq-len")
+    row = getattr(datasets, "List", None) or datasets.Sequence  # datasets >= 4 names it List
+    features = datasets.Features({"input_ids": row(datasets.Value("int64"))})
+    packed = datasets.Dataset.from_generator(
+        _packed_rows, gen_kwargs=dict(ds=ds, seq_len=seq_len, eos_id=eos_id), features=features
+    )
     return packed

@@ -20,6 +20,7 @@ changes, and why (Transformers 5.x):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from .data import IGNORE_INDEX
 from .integration import ATTN_IMPLEMENTATION
-from .parallel import ContextParallel
+from .parallel import ContextParallel, collective_device
 
 
 @dataclass
@@ -53,7 +54,8 @@ class StripedTrainer(Trainer):
     """A ``Trainer`` whose training and evaluation run context-parallel when ``args.cp_size > 1``."""
 
     def __init__(self, *args, **kwargs):
-        user_collator = kwargs.get("data_collator")
+        # the caller's collator, however it was passed (Trainer substitutes a default for None)
+        user_collator = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("data_collator")
         super().__init__(*args, **kwargs)
         a = self.args
         self.cp = ContextParallel(getattr(a, "cp_size", 1), layout=getattr(a, "cp_layout", "striped"), backend=getattr(a, "cp_backend", "auto"))
@@ -77,12 +79,16 @@ class StripedTrainer(Trainer):
 
     # -- data ---------------------------------------------------------------------------------
 
-    def _get_dataloader(self, *args, **kwargs):
-        loader = super()._get_dataloader(*args, **kwargs)
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+        loader = super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
         if self.cp.cp_size > 1:  # shard over data-parallel replicas, not over every process
             for shard in (getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)):
                 if hasattr(shard, "num_processes") and hasattr(shard, "process_index"):
                     shard.num_processes, shard.process_index = self.cp.dp_size, self.cp.dp_rank
+                    if not is_training and hasattr(shard, "even_batches"):
+                        # no rows repeated to even out the last batches: each replica evaluates
+                        # exactly the one-process batches g = dp_rank, dp_rank + dp, ...
+                        shard.even_batches = False
         return loader
 
     def _prepare_context_parallel_inputs(self, model, inputs):
@@ -113,16 +119,20 @@ class StripedTrainer(Trainer):
         for inputs in dataloader:
             inputs = self.cp.check_batch(self._prepare_inputs(inputs))
             labels = inputs["shift_labels"]
-            with torch.no_grad(), self.cp.context():
+            with torch.no_grad(), self.compute_loss_context_manager(), self.cp.context():
                 logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
             loss_sum = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
-            both = torch.stack([loss_sum.detach().double().cpu(), labels.ne(IGNORE_INDEX).sum().double().cpu()])
+            both = torch.stack([loss_sum.detach().double(), labels.ne(IGNORE_INDEX).sum().double()])
+            both = both.to(collective_device(self.cp.cp_group))
             dist.all_reduce(both, group=self.cp.cp_group)  # the whole sequences' loss sum and token count
+            both = both.cpu()
             rows = labels.shape[0]
             total += torch.stack([both[0] / both[1].clamp_min(1) * rows, torch.tensor(rows, dtype=torch.float64)])
         if self.cp.dp_size > 1:
+            total = total.to(collective_device(self.cp.dp_group))
             dist.all_reduce(total, group=self.cp.dp_group)
+            total = total.cpu()
         metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp_min(1))}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(total[1]))

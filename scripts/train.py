@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hub-private", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs one line per step instead)")
     args = p.parse_args(argv)
-    for name in ("seq_len", "cp_size", "steps", "batch_size", "grad_accum"):
+    for name in ("seq_len", "cp_size", "steps", "batch_size", "grad_accum", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -105,7 +105,9 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     import hf_striped
-    from hf_striped.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from hf_striped.checkpoint import (
+        checkpoint_step, complete_checkpoints, latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint,
+    )
     from hf_striped.model_card import hardware, library_versions, push_folder, render_card
     from hf_striped.parallel import ContextParallel
     from hf_striped.textdata import load_rows, pack
@@ -177,18 +179,31 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    state = {"step": 0, "batches_seen": 0, "losses": [], "tokens": 0}
+    state = {"step": 0, "batches_seen": 0, "losses": [], "tokens": 0, "dp_size": cp.dp_size}
     resume = None if args.resume == "never" else latest_checkpoint(ckpt_root) if args.resume == "auto" else Path(args.resume)
+    start = 0 if resume is None else checkpoint_step(resume)
+    ahead = [p.name for p in complete_checkpoints(ckpt_root) if checkpoint_step(p) > start]
+    if ahead:  # another run's checkpoints: resuming or pruning would mix the two runs
+        raise SystemExit(
+            f"{ckpt_root} holds checkpoints ahead of where this run starts (step {start}): {', '.join(ahead)}. "
+            "Use a new --output-dir, --resume auto to continue that run, or delete them."
+        )
     if resume is not None:
         state = load_checkpoint(accelerator, resume)
-        saved = state.get("args", {})
-        changed = [k for k in ("seq_len", "batch_size", "grad_accum", "data", "seed", "model") if k in saved and saved[k] != getattr(args, k)]
+        saved = {**state.get("args", {}), "dp_size": state.get("dp_size", cp.dp_size)}
+        now = {**vars(args), "dp_size": cp.dp_size}
+        changed = [k for k in ("seq_len", "batch_size", "grad_accum", "data", "seed", "model", "dp_size") if k in saved and saved[k] != now[k]]
         if changed:
             raise SystemExit(
-                f"{resume} was written with different {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                f"({', '.join(f'{saved[k]!r}' for k in changed)}); its data position would not mean the same thing. "
-                "Use the same arguments, --resume never, or a new --output-dir."
+                f"{resume} was written with different {', '.join(k if k == 'dp_size' else '--' + k.replace('_', '-') for k in changed)} "
+                f"({', '.join(f'{saved[k]!r}' for k in changed)}); its data position would not mean the same thing "
+                "(dp_size = processes / --cp-size). Use the same arguments, --resume never, or a new --output-dir."
             )
+        for k in ("lr", "warmup_steps", "steps", "weight_decay"):
+            if k in saved and saved[k] != now[k]:
+                say(f"[train] warning: --{k.replace('_', '-')} was {saved[k]!r} when {resume.name} was saved; the restored "
+                    "optimizer and scheduler keep their state, so the new value changes the schedule from here on")
+        state["dp_size"] = cp.dp_size
         say(f"[train] resumed from {resume} (step {state['step']}, {state['batches_seen']} batches seen)")
     elif args.resume == "auto" and ckpt_root.exists():
         say(f"[train] no complete checkpoint in {ckpt_root}; starting from step 0")
@@ -198,6 +213,8 @@ def main(argv=None) -> int:
     log_path = out_dir / "log.jsonl"
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for p in remove_incomplete(ckpt_root):
+            say(f"[train] removed {p.name}, left by a save that never finished")
     model.train()
     while state["step"] < args.steps:
         t0 = time.perf_counter()

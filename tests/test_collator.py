@@ -112,3 +112,17 @@ def test_fingerprint_sees_one_changed_token():
     other[1, 37] += 1
     assert not torch.equal(batch_fingerprint(ids), batch_fingerprint(other))
     assert torch.equal(batch_fingerprint(ids), batch_fingerprint(ids.clone()))
+
+
+def test_packing_carries_the_remainder_across_document_batches():
+    import datasets
+
+    from hf_striped.textdata import pack
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7]] * 2500})  # 10,000 tokens with EOS, short documents
+    packed = pack(ds, None, 3000, eos_id=0)
+    assert len(packed) == 3  # 9,000 of 10,000 tokens: only the final remainder is lost
+    assert packed[0]["input_ids"][:8] == [5, 6, 7, 0, 5, 6, 7, 0]
+    assert all(len(r) == 3000 for r in packed["input_ids"])
+    with pytest.raises(ValueError, match="10000 tokens, fewer than 20000"):
+        pack(ds, None, 20000, eos_id=0)

@@ -195,3 +195,18 @@ def test_resume_with_different_data_arguments_is_refused(cp_run, workdir, tiny_l
     proc = run([*cmd[: cmd.index("--seq-len")], "--seq-len", "32", *cmd[cmd.index("--seq-len") + 2:]])
     assert proc.returncode != 0
     assert "different --seq-len (64)" in proc.stderr and "--resume never" in proc.stderr
+
+
+def test_a_fresh_run_into_a_folder_with_newer_checkpoints_is_refused(cp_run, workdir, tiny_llama_dir):
+    out, _ = cp_run  # holds step-4 and step-6 of a finished run
+    proc = run([*train_cmd(tiny_llama_dir, workdir / "data.jsonl", out, cp_size=1), "--resume", "never"])
+    assert proc.returncode != 0
+    assert "ahead of where this run starts (step 0): step-00000004, step-00000006" in proc.stderr
+
+
+def test_resume_with_a_different_data_parallel_size_is_refused(cp_run, workdir, tiny_llama_dir):
+    out, _ = cp_run  # written by 2 processes with CP 2: one data-parallel replica
+    cmd = train_cmd(tiny_llama_dir, workdir / "data.jsonl", out)  # 2 processes ...
+    proc = run([*cmd[: cmd.index("--cp-size")], "--cp-size", "1"])  # ... as 2 replicas of CP 1
+    assert proc.returncode != 0
+    assert "different dp_size (1)" in proc.stdout + proc.stderr
