@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hf_striped
+
 from dist_workers import ring_feature_cases, unshard_feature_results
 from exactness import Case, assert_exact
 from hf_striped.kernels.reference import plain_attention
@@ -65,3 +67,39 @@ def test_softcap_and_sinks_exact_across_ranks(dist_pool, P):
         ref, base = _plain(case, variant, torch.float64), _plain(case, variant, case.dtype)
         label = f"P={P} {layout} {case.dtype} " + ",".join(f"{k}={v}" for k, v in variant.items())
         assert_exact(label, ours, ref, base, names)
+
+
+def test_softcap_warns_once_about_speed_and_bad_arguments_raise():
+    import hf_striped.ring as ring
+
+    ring._SOFTCAP_WARNED.clear()
+    q, k, v, _ = Case(batch=1, seq=8).inputs()
+    with pytest.warns(RuntimeWarning, match="soft-capping runs on the plain PyTorch 'reference' kernel"):
+        hf_striped.ring_attention(q, k, v, softcap=2.0)
+    with pytest.warns(RuntimeWarning, match="backend 'torch_cpu' cannot soft-cap"):
+        hf_striped.ring_attention(q, k, v, softcap=2.0, backend="torch_cpu")
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        hf_striped.ring_attention(q, k, v, softcap=0.0)
+    with pytest.raises(ValueError, match="one logit per query head"):
+        hf_striped.ring_attention(q, k, v, sinks=torch.zeros(q.shape[2] + 1))
+
+
+@pytest.mark.parametrize("mask", ["causal", "full", "band"])
+def test_reference_kernel_row_chunks_change_nothing(monkeypatch, mask):
+    """The reference kernel bounds memory by working through query rows in chunks; with chunks
+    of a few rows it must give what one chunk gives (same math per row; dk/dv summed over
+    chunks), soft-capping included."""
+    import hf_striped.kernels.reference as ref_module
+
+    q, k, v, dout = Case(batch=2, seq=20, dtype=torch.float64).inputs()
+    kern = ref_module.ReferenceKernel(softcap=1.5)
+    kwargs = dict(band=(-3, 4)) if mask == "band" else {}
+    causal = mask == "causal"
+    whole = kern.forward(q, k, v, causal, 0.3, **kwargs)
+    whole_grads = kern.backward(dout, q, k, v, *whole, causal, 0.3, **kwargs)
+    monkeypatch.setattr(ref_module, "SCORE_ELEMENTS", 2 * 6 * 20 * 3)  # 3 rows per chunk
+    assert len(ref_module._row_chunks(q, k)) == 7
+    chunked = kern.forward(q, k, v, causal, 0.3, **kwargs)
+    chunked_grads = kern.backward(dout, q, k, v, *chunked, causal, 0.3, **kwargs)
+    for a, b in zip((*whole, *whole_grads), (*chunked, *chunked_grads)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
