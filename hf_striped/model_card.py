@@ -31,12 +31,21 @@ def library_versions() -> str:
     return ", ".join(out)
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s "model name" on Linux, else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware(world_size: int) -> str:
     if torch.cuda.is_available():
-        dev = f"{torch.cuda.get_device_name()} x {world_size} process(es)"
-    else:
-        dev = f"CPU ({platform.processor() or platform.machine()}) x {world_size} process(es)"
-    return dev
+        return f"{torch.cuda.get_device_name()} x {world_size} process(es)"
+    return f"CPU ({cpu_name()}) x {world_size} process(es)"
 
 
 def render_card(info: dict[str, Any], *, base_model: str | None, license: str | None = None) -> ModelCard:

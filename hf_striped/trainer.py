@@ -20,6 +20,7 @@ changes, and why (Transformers 5.x):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -92,8 +93,6 @@ class StripedTrainer(Trainer):
         return loader
 
     def _prepare_context_parallel_inputs(self, model, inputs):
-        import contextlib
-
         return contextlib.nullcontext, inputs  # Transformers' SDPA-only CP path is not used
 
     # -- loss ---------------------------------------------------------------------------------

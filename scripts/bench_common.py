@@ -26,15 +26,9 @@ if str(ROOT) not in sys.path:
 def hardware(device: str = "cpu") -> str:
     if device == "cuda" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}; {os.cpu_count()} cores; {torch.get_num_threads()} torch threads"
+    from hf_striped.model_card import cpu_name
+
+    return f"{cpu_name()}; {os.cpu_count()} cores; {torch.get_num_threads()} torch threads"
 
 
 def versions() -> str:
@@ -48,6 +42,27 @@ def versions() -> str:
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+def add_llama_args(ap, *, hidden, intermediate, layers, heads, kv_heads, vocab) -> None:
+    """The random Llama's shape options, shared by the end-to-end and memory benchmarks."""
+    ap.add_argument("--hidden", type=int, default=hidden)
+    ap.add_argument("--intermediate", type=int, default=intermediate)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--kv-heads", type=int, default=kv_heads)
+    ap.add_argument("--vocab", type=int, default=vocab)
+
+
+def llama_config(args, max_len: int):
+    """A random-Llama config from :func:`add_llama_args` options, for sequences up to ``max_len``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(max_len, 2048), attention_dropout=0.0, pad_token_id=0,
+    )
 
 
 def shape_str(**kw) -> str:

@@ -32,17 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench_common import RESULTS, Recorder, median, shape_str, spawn_ranks
-
-
-def model_config(args):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.seq_len, 2048), attention_dropout=0.0, pad_token_id=0,
-    )
+from bench_common import RESULTS, Recorder, add_llama_args, llama_config, median, shape_str, spawn_ranks
 
 
 class _WaitTimer:
@@ -81,7 +71,7 @@ def _worker(rank, world, port, args, queue):
     group = dist.group.WORLD
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)  # identical weights and tokens on every rank
-    cfg = model_config(args)
+    cfg = llama_config(args, args.seq_len)
     cfg._attn_implementation = "striped_ring"
     model = LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, args.dtype)).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-5)
@@ -137,12 +127,7 @@ def main(argv=None):
     ap.add_argument("--layouts", nargs="+", default=["striped", "zigzag", "contiguous"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=512)
+    add_llama_args(ap, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default="auto")

@@ -23,17 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from bench_common import RESULTS, Recorder, shape_str, spawn_ranks
-
-
-def _config(args, n):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(n, 2048), attention_dropout=0.0, pad_token_id=0,
-    )
+from bench_common import RESULTS, Recorder, add_llama_args, llama_config, shape_str, spawn_ranks
 
 
 def _step_peak(model, n, group, layout, vocab) -> int:
@@ -64,7 +54,7 @@ def _worker(rank, world, port, args, queue):
                             timeout=datetime.timedelta(seconds=600))
     group = dist.group.WORLD
     torch.manual_seed(0)
-    cfg = _config(args, max(args.seq_len, args.max_tokens))
+    cfg = llama_config(args, max(args.seq_len, args.max_tokens))
     cfg._attn_implementation = "striped_ring"
     model = LlamaForCausalLM(cfg).train()
     res = {"fixed": _step_peak(model, args.seq_len, group, args.layout, args.vocab), "cap": []}
@@ -90,12 +80,7 @@ def main(argv=None):
     ap.add_argument("--start-tokens", type=int, default=256, help="first tokens per rank tried under the cap")
     ap.add_argument("--max-tokens", type=int, default=16384, help="longest global length tried")
     ap.add_argument("--layout", default="striped")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--intermediate", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--kv-heads", type=int, default=1)
-    ap.add_argument("--vocab", type=int, default=256)
+    add_llama_args(ap, hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1, vocab=256)
     ap.add_argument("--out", default=str(RESULTS / "memory.csv"))
     args = ap.parse_args(argv)
     rec = Recorder("memory", args.out)

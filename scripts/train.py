@@ -14,10 +14,12 @@ trajectory. The end is a Hugging Face model folder with a model card (``<output-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
         step_loss = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
-            with accelerator.no_sync(model) if not sync else _null():
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss, out = cp.forward(model, batch, n_items.to(accelerator.device))
                 accelerator.backward(loss)
             step_loss += float(out.loss.detach())
@@ -270,8 +272,6 @@ def main(argv=None) -> int:
         from safetensors.torch import save_file
 
         tmp = out_dir / ".final.tmp"
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -306,14 +306,6 @@ def main(argv=None) -> int:
             print(f"[train] error: {exc}", file=sys.stderr)
             return 3
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
