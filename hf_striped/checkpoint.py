@@ -1,23 +1,46 @@
 """Training checkpoints that a crash cannot corrupt, and the resume that finds them.
 
-A checkpoint is Accelerate's ``save_state`` folder (model weights as safetensors, optimizer,
-registered schedulers, every rank's RNG states) plus ``trainer_state.json`` (step, data position,
-loss history, arguments). It is written under a hidden temporary name and renamed into place only
-when complete, so a process killed mid-save leaves the previous checkpoint as the newest complete
-one. Multi-node runs need ``root`` on a filesystem every node sees.
+A checkpoint ``step-<N>/`` holds, in our own format (no pickle):
+
+- ``model.safetensors``: the unwrapped model's weights (``safetensors.torch.save_model``, which
+  stores tied weights once), written by the main process;
+- ``optimizer.pt``: ``optimizer.state_dict()``, read back with ``torch.load(weights_only=True)``
+  (tensors, numbers, strings and containers only: a file that would run code is refused);
+- ``scheduler.json``: the LR scheduler's ``state_dict()`` as JSON;
+- ``rng_state_<rank>.json``: every rank's Python, NumPy, torch CPU (and CUDA) RNG states, written and
+  restored by that rank;
+- ``trainer_state.json``: step, data position, loss history, arguments; written last.
+
+Everything is written under the hidden name ``.step-<N>.tmp``, each file and the folder are
+fsynced, and the folder is renamed into place only when complete, so a process killed at any
+moment of a save leaves the previous checkpoint as the newest complete one. Pruning renames a
+checkpoint to ``.step-<N>.del`` before deleting it, so a half-deleted folder never looks complete.
+Multi-node runs need ``root`` on a filesystem every node sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.json"
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.json"
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -34,42 +57,131 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+# The file operations below are module functions so that tests/fault_train.py can stop a real
+# training process in the middle of each one.
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk: a rename is durable only after its contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, sort_keys=True)
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def save_checkpoint(accelerator, root: str | Path, step: int, state: dict, keep: int | None = None) -> Path:
+def _write_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(path))
+    _fsync(path)
+
+
+def _write_optimizer(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    """Delete a checkpoint folder: first rename it to a hidden ``.del`` name (atomic), so a kill
+    mid-deletion never leaves a half-deleted folder under a complete checkpoint's name."""
+    trash = path.with_name(f".{path.name}.del")
+    _remove_tree(trash)
+    _rename(path, trash)
+    _remove_tree(trash)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    out = {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _set_rng_state(saved: dict) -> None:
+    random.setstate(_to_tuple(saved["python"]))
+    kind, keys, pos, has_gauss, gauss = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in saved["cuda"]])
+
+
+def _to_json(x):
+    return [_to_json(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(
+    accelerator, root: str | Path, step: int, state: dict, *, model, optimizer, scheduler=None, keep: int | None = None
+) -> Path:
     """Write checkpoint ``step-<step>`` under ``root`` on every rank (collective); return its path.
 
-    ``state`` must be JSON-serialisable. ``keep``: delete older complete checkpoints beyond the
-    newest ``keep``.
+    ``model`` and ``optimizer`` as returned by ``accelerator.prepare``; ``scheduler``: any object
+    with a JSON-serialisable ``state_dict()`` (``torch.optim.lr_scheduler.LambdaLR`` with plain
+    functions or ``functools.partial``). ``state`` must be JSON-serialisable. ``keep``: delete older
+    complete checkpoints beyond the newest ``keep``.
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 (or None to keep every checkpoint), got {keep}")
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_json(tmp / STATE_FILE, {**state, "step": step})
+    _write_json(tmp / _rng_file(accelerator.process_index), _rng_state())  # every rank its own
+    if main:
+        _write_weights(accelerator.unwrap_model(model), tmp / MODEL_FILE)
+        _write_optimizer(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler is not None:
+            _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+    accelerator.wait_for_everyone()  # every rank's RNG file is on disk
+    if main:
+        _write_json(tmp / STATE_FILE, {**state, "step": step})  # last: marks the folder complete
+        _fsync(tmp)
         if final.exists():  # a re-save of this step: move the old one out of the way first
-            trash = root / f".step-{step:08d}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+            old = root / f".step-{step:08d}.old"
+            _remove_tree(old)
+            _rename(final, old)  # a kill here: remove_incomplete() puts the old one back
+            _rename(tmp, final)
+            _fsync(root)
+            _remove_tree(old)
         else:
-            os.replace(tmp, final)  # the checkpoint becomes visible complete, or not at all
+            _rename(tmp, final)  # the checkpoint becomes visible complete, or not at all
+            _fsync(root)
         if keep is not None:  # prune older ones only: never a checkpoint ahead of this one
-            older = [p for p in complete_checkpoints(root) if int(_NAME.match(p.name).group(1)) < step]
-            for old in older[: max(0, len(older) - (keep - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
+            older = [p for p in complete_checkpoints(root) if checkpoint_step(p) < step]
+            for p in older[: max(0, len(older) - (keep - 1))]:
+                _delete(p)
     accelerator.wait_for_everyone()
     return final
 
@@ -82,18 +194,53 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def remove_incomplete(root: str | Path) -> list[Path]:
-    """Delete the temporary folders of saves that never finished (a kill mid-save); return them."""
+    """Clean up after saves and prunes that never finished (a kill mid-save); return what was deleted.
+
+    Deletes ``.step-N.tmp`` (an unfinished save) and ``.step-N.del`` (an unfinished prune). A
+    ``.step-N.old`` is a complete checkpoint moved aside by a re-save of step N: it is renamed back
+    to ``step-N`` if the kill came before the new one took its place, else deleted. Call it on one
+    process, before choosing the checkpoint to resume from.
+    """
     root = Path(root)
-    stale = [p for p in root.glob(".step-*.tmp")] + [p for p in root.glob(".step-*.old")] if root.is_dir() else []
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.glob(".step-*.old")):
+        final = root / p.name[1:-len(".old")]
+        if not final.exists() and (p / STATE_FILE).is_file():
+            _rename(p, final)
+            _fsync(root)
+        else:
+            removed.append(p)
+    removed += sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.del"))
+    for p in removed:
+        _remove_tree(p)
+    return removed
 
 
-def load_checkpoint(accelerator, path: str | Path) -> dict:
-    """Restore model, optimizer, schedulers and RNG states from ``path``; return its state dict."""
+def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler=None) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG states from ``path`` (on every rank);
+    return its trainer state. Nothing is unpickled: a tampered ``optimizer.pt`` raises
+    ``pickle.UnpicklingError`` instead of running code."""
+    from safetensors.torch import load_model
+
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete hf_striped checkpoint (no {STATE_FILE})")
-    accelerator.load_state(str(path))
+    missing = [f for f in (MODEL_FILE, OPTIMIZER_FILE) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} has no {', '.join(missing)}: not a checkpoint of this hf_striped version (older ones were "
+            "Accelerate save_state folders); resume with --resume never or a new --output-dir"
+        )
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # neither reader takes "cpu:0"
+    load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True, device=device)
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    rng = path / _rng_file(accelerator.process_index)
+    if rng.is_file():
+        _set_rng_state(json.loads(rng.read_text()))
+    else:  # more processes than when saved: this rank keeps its seeded RNG
+        warnings.warn(f"{path} has no {rng.name}: process {accelerator.process_index} keeps its current RNG state", stacklevel=2)
     return json.loads((path / STATE_FILE).read_text())

@@ -143,7 +143,18 @@ def main(argv=None) -> int:
         model_dir = Path(args.model)
         if not (model_dir / "config.json").is_file():
             raise SystemExit(f"--model {model_dir}: not a model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=hf_striped.ATTN_IMPLEMENTATION, dtype=torch.float32)
+    try:  # safetensors only: a pickled pytorch_model.bin could run code when loaded
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation=hf_striped.ATTN_IMPLEMENTATION, dtype=torch.float32, use_safetensors=True
+        )
+    except OSError as exc:
+        if any(Path(model_dir).glob("*.safetensors")):
+            raise
+        raise SystemExit(
+            f"--model {model_dir}: no safetensors weights ({exc.__class__.__name__}). train.py does not load pickled "
+            "weights (pytorch_model.bin), which can run code. Convert the folder once, from a source you trust: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) (writes model.safetensors)"
+        ) from None
     if getattr(model.config, "attention_dropout", 0.0):
         say(f"[train] setting attention_dropout {model.config.attention_dropout} -> 0 (the ring computes no dropout)")
         model.config.attention_dropout = 0.0
@@ -176,12 +187,17 @@ def main(argv=None) -> int:
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not accelerator.prepare(scheduler): that would step it once per process, assuming a data
-    # loader split over all processes; ours is split over data-parallel replicas only.
-    accelerator.register_for_checkpointing(scheduler)
+    # loader split over all processes; ours is split over data-parallel replicas only. Our
+    # checkpoints save it themselves (as JSON).
+    trained = dict(model=model, optimizer=optimizer, scheduler=scheduler)
 
     out_dir = Path(args.output_dir)
     ckpt_root = out_dir / "checkpoints"
     state = {"step": 0, "batches_seen": 0, "losses": [], "tokens": 0, "dp_size": cp.dp_size}
+    if main_proc:  # before choosing: puts back a checkpoint a killed re-save had moved aside
+        for p in remove_incomplete(ckpt_root):
+            say(f"[train] removed {p.name}, left by a save that never finished")
+    accelerator.wait_for_everyone()
     resume = None if args.resume == "never" else latest_checkpoint(ckpt_root) if args.resume == "auto" else Path(args.resume)
     start = 0 if resume is None else checkpoint_step(resume)
     ahead = [p.name for p in complete_checkpoints(ckpt_root) if checkpoint_step(p) > start]
@@ -191,7 +207,7 @@ def main(argv=None) -> int:
             "Use a new --output-dir, --resume auto to continue that run, or delete them."
         )
     if resume is not None:
-        state = load_checkpoint(accelerator, resume)
+        state = load_checkpoint(accelerator, resume, **trained)
         saved = {**state.get("args", {}), "dp_size": state.get("dp_size", cp.dp_size)}
         now = {**vars(args), "dp_size": cp.dp_size}
         changed = [k for k in ("seq_len", "batch_size", "grad_accum", "data", "seed", "model", "dp_size") if k in saved and saved[k] != now[k]]
@@ -215,8 +231,6 @@ def main(argv=None) -> int:
     log_path = out_dir / "log.jsonl"
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for p in remove_incomplete(ckpt_root):
-            say(f"[train] removed {p.name}, left by a save that never finished")
     model.train()
     while state["step"] < args.steps:
         t0 = time.perf_counter()
@@ -252,7 +266,7 @@ def main(argv=None) -> int:
             if args.no_progress:
                 print(f"[train] step {state['step']}/{args.steps} loss {loss_value:.6f} {record['tokens_per_s']:.0f} tok/s", flush=True)
         if args.save_every and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
-            path = save_checkpoint(accelerator, ckpt_root, state["step"], {**state, "args": vars(args)}, keep=args.keep_checkpoints)
+            path = save_checkpoint(accelerator, ckpt_root, state["step"], {**state, "args": vars(args)}, keep=args.keep_checkpoints, **trained)
             if main_proc:
                 bar.write(f"[train] checkpoint {path}")
     bar.close()

@@ -1,56 +1,106 @@
-"""Checkpoint folder logic of hf_striped.checkpoint: atomic replacement, pruning that never
-touches a checkpoint ahead of the one written, and clean-up of saves that never finished.
-(The real save/resume through Accelerate is tested end to end in test_train_script.py.)"""
+"""Checkpoint folder logic of hf_striped.checkpoint: a save/load round trip restores model,
+optimizer, scheduler and RNG exactly; atomic replacement; pruning that never touches a checkpoint
+ahead of the one written; clean-up of saves and prunes that never finished. (The real save/resume
+under `accelerate launch` is tested end to end in test_train_script.py and test_kill_during_save.py.)"""
 
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
+import torch
+from transformers import get_scheduler
 
 from hf_striped.checkpoint import (
     STATE_FILE,
     complete_checkpoints,
     latest_checkpoint,
+    load_checkpoint,
     remove_incomplete,
     save_checkpoint,
 )
 
 
 class OneProcess:
-    """The part of ``accelerate.Accelerator`` that save_checkpoint uses, for one process."""
+    """The part of ``accelerate.Accelerator`` that save/load_checkpoint use, for one process."""
 
     is_main_process = True
+    process_index = 0
+    device = torch.device("cpu")
 
     def wait_for_everyone(self):
         pass
 
-    def save_state(self, path, safe_serialization=True):
-        from pathlib import Path
+    def unwrap_model(self, model):
+        return model
 
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "model.safetensors").write_text("weights")
+
+def trained(seed=0):
+    """A tiny model with tied weights, its AdamW after two steps, and a cosine scheduler."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Linear(4, 11))
+    model[1].weight = model[0].weight  # tied, like tied input/output embeddings
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=5)
+    for _ in range(2):
+        model(torch.arange(5)).square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return dict(model=model, optimizer=opt, scheduler=sched)
+
+
+def save(root, step, state, keep=None):
+    return save_checkpoint(OneProcess(), root, step, state, keep=keep, **trained())
 
 
 def names(root):
     return [p.name for p in complete_checkpoints(root)]
 
 
+def test_round_trip_restores_everything_exactly(tmp_path):
+    objs = trained()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = save_checkpoint(OneProcess(), tmp_path, 2, {"losses": [1.5]}, **objs)
+    expect = (random.random(), np.random.rand(), torch.rand(3))  # what the RNGs give after the save
+    print(sorted(p.name for p in path.iterdir()))
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.safetensors", "optimizer.pt", "rng_state_0.json", "scheduler.json", STATE_FILE,
+    ]
+    fresh = trained(seed=7)
+    assert not torch.equal(fresh["model"][0].weight, objs["model"][0].weight)
+    state = load_checkpoint(OneProcess(), path, **fresh)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert state == {"losses": [1.5], "step": 2}
+    assert got[:2] == expect[:2] and torch.equal(got[2], expect[2])
+    assert fresh["model"][1].weight is fresh["model"][0].weight  # still tied after loading
+    for a, b in zip(fresh["model"].parameters(), objs["model"].parameters()):
+        assert torch.equal(a, b)
+    sa, sb = fresh["optimizer"].state_dict(), objs["optimizer"].state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for k in sb["state"]:
+        for name, v in sb["state"][k].items():
+            assert torch.equal(sa["state"][k][name], v), name
+    assert fresh["scheduler"].state_dict() == objs["scheduler"].state_dict()
+    assert fresh["scheduler"].get_last_lr() == objs["scheduler"].get_last_lr()
+
+
 def test_keep_prunes_older_checkpoints_only(tmp_path):
-    acc = OneProcess()
     for step in (2, 4, 6):
-        save_checkpoint(acc, tmp_path, step, {"losses": []}, keep=2)
+        save(tmp_path, step, {"losses": []}, keep=2)
     assert names(tmp_path) == ["step-00000004", "step-00000006"]
-    save_checkpoint(acc, tmp_path, 3, {"losses": []}, keep=1)  # behind the others: prunes nothing ahead
+    save(tmp_path, 3, {"losses": []}, keep=1)  # behind the others: prunes nothing ahead
     assert names(tmp_path) == ["step-00000003", "step-00000004", "step-00000006"]
     assert latest_checkpoint(tmp_path).name == "step-00000006"
     assert json.loads((tmp_path / "step-00000006" / STATE_FILE).read_text())["step"] == 6
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .del left behind
 
 
 def test_resaving_a_step_replaces_it_whole(tmp_path):
-    acc = OneProcess()
-    save_checkpoint(acc, tmp_path, 2, {"run": "a"})
-    save_checkpoint(acc, tmp_path, 2, {"run": "b"})
+    save(tmp_path, 2, {"run": "a"})
+    save(tmp_path, 2, {"run": "b"})
     assert names(tmp_path) == ["step-00000002"]
     assert json.loads((tmp_path / "step-00000002" / STATE_FILE).read_text())["run"] == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]  # no temporary left behind
@@ -65,6 +115,44 @@ def test_incomplete_saves_are_not_checkpoints_and_get_removed(tmp_path):
     assert not (tmp_path / ".step-00000008.tmp").exists()
 
 
+def test_kill_between_the_renames_of_a_resave_keeps_the_step(tmp_path):
+    save(tmp_path, 2, {"run": "a"})
+    save(tmp_path, 4, {"run": "a"})
+    # a re-save of step 4 killed after moving the old one aside, before renaming the new one in
+    (tmp_path / "step-00000004").rename(tmp_path / ".step-00000004.old")
+    save(tmp_path, 2, {"run": "b"})  # (a .tmp of the new save, also left behind)
+    (tmp_path / "step-00000002").rename(tmp_path / ".step-00000004.tmp")
+    assert names(tmp_path) == []
+    removed = remove_incomplete(tmp_path)
+    print("removed:", [p.name for p in removed], "left:", sorted(p.name for p in tmp_path.iterdir()))
+    assert [p.name for p in removed] == [".step-00000004.tmp"]
+    assert names(tmp_path) == ["step-00000004"]
+    assert json.loads((tmp_path / "step-00000004" / STATE_FILE).read_text()) == {"run": "a", "step": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
+def test_an_old_copy_whose_replacement_landed_is_deleted(tmp_path):
+    save(tmp_path, 4, {"run": "b"})
+    save(tmp_path, 2, {"run": "a"})
+    (tmp_path / "step-00000002").rename(tmp_path / ".step-00000004.old")  # killed before the final rmtree
+    assert [p.name for p in remove_incomplete(tmp_path)] == [".step-00000004.old"]
+    assert json.loads((tmp_path / "step-00000004" / STATE_FILE).read_text())["run"] == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
+def test_a_half_pruned_checkpoint_is_never_complete(tmp_path):
+    save(tmp_path, 2, {})
+    save(tmp_path, 4, {})
+    # pruning renames first, then deletes: a kill mid-deletion leaves only a hidden .del folder
+    half = tmp_path / ".step-00000002.del"
+    (tmp_path / "step-00000002").rename(half)
+    (half / "model.safetensors").unlink()
+    assert (half / STATE_FILE).is_file()  # still has its state file, yet:
+    assert names(tmp_path) == ["step-00000004"]
+    assert [p.name for p in remove_incomplete(tmp_path)] == [".step-00000002.del"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep must be >= 1"):
-        save_checkpoint(OneProcess(), tmp_path, 1, {}, keep=0)
+        save(tmp_path, 1, {}, keep=0)
