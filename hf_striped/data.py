@@ -116,7 +116,11 @@ class StripingCollator:
         """The padded, shifted global batch before striping: ``input_ids``, ``shift_labels``,
         ``position_ids``, each ``[batch, N]``."""
         if not features:
-            raise ValueError("empty batch: the data loader gave no rows (drop_last or a smaller batch size?)")
+            raise ValueError(
+                "empty batch: the collator got no rows. Check that the dataset is not empty and that the "
+                "data loader gives every rank rows (ContextParallel.prepare_dataloader; drop_last=True if the "
+                "last batch can come up empty)"
+            )
         if self.base_collator is not None:
             batch = dict(self.base_collator(features))
             ids_rows = list(torch.as_tensor(batch["input_ids"]))
@@ -159,7 +163,10 @@ class StripingCollator:
                 "into fixed-length rows or set pad_ragged=True"
             )
         if max(lengths) == 0:
-            raise ValueError("every row of the batch is empty: filter out empty rows before training")
+            raise ValueError(
+                "every row of the batch is empty: filter out empty rows before training, e.g. "
+                "dataset.filter(lambda row: len(row['input_ids']) > 1)"
+            )
         longest = max(lengths)
         n = -(-longest // self.multiple) * self.multiple
         if self.max_length is not None and n > self.max_length:

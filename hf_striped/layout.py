@@ -35,6 +35,13 @@ def split_multiple(layout: str, world_size: int) -> int:
 def check_length(length: int, layout: str, world_size: int) -> int:
     """Return tokens per rank, or raise a ``ValueError`` that says what length to pad to."""
     m = split_multiple(layout, world_size)
+    if length < m:
+        raise ValueError(
+            f"a sequence of {length} tokens is shorter than the {layout!r} layout needs over {world_size} ranks, "
+            f"so some rank would get no tokens: pad the sequence to {m} tokens (pad token ids, label -100) "
+            "before sharding, or build batches with hf_striped.StripingCollator / ContextParallel.collator(), "
+            "which pads short rows itself."
+        )
     if length % m:
         padded = -(-length // m) * m
         unit = "2 * P" if layout == "zigzag" else "P"

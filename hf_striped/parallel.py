@@ -162,7 +162,12 @@ class ContextParallel:
             dist.all_reduce(t)
         t = t.cpu()
         if t.item() == 0:
-            raise ValueError("this optimizer step has no target tokens (every label is -100): check the data")
+            raise ValueError(
+                "this optimizer step has no target tokens on any rank (every label is -100, or every row has a "
+                "single token, which leaves nothing to predict after the shift): drop such rows before "
+                "collating (e.g. dataset.filter(lambda row: len(row['input_ids']) > 1)) or check how the "
+                "labels were masked"
+            )
         return t
 
     @contextlib.contextmanager

@@ -19,7 +19,8 @@ class BlockKernel(Protocol):
     name: str
 
     def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-        """Why this kernel cannot take these inputs (``None`` when it can)."""
+        """Why this kernel cannot take these inputs (``None`` when it can). A refusal of the
+        inputs' dtype starts with ``"dtype "`` (``select_kernel`` then raises ``TypeError``)."""
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float

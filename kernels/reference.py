@@ -31,6 +31,8 @@ def _scores(q, k, causal: bool, scale: float, acc_dtype, softcap: float | None =
     return s
 
 
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
 SCORE_ELEMENTS = 1 << 24
 """The reference kernel works through query rows in chunks whose score matrix has at most about
 this many elements (64 MiB in float32), so long blocks do not need ``b * h * sq * sk`` memory."""
@@ -68,6 +70,12 @@ class ReferenceKernel:
         self.softcap = None if softcap is None else float(softcap)
 
     def unsupported_reason(self, q, k, v):
+        # float8 is a storage format: the math would run (in float32) but the ring's final
+        # rounding to float8 keeps ~2 significant bits of every output and gradient, which is no
+        # attention anyone asked for; integer and complex tensors are not attention inputs.
+        if q.dtype not in _DTYPES:
+            return f"dtype {q.dtype} is not one of {_DTYPES}"
+        gqa_groups(q, k)
         return None
 
     def forward(self, q, k, v, causal, scale, band=None):

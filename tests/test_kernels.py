@@ -46,14 +46,23 @@ def test_auto_picks_the_fused_cpu_kernel_silently():
 
 
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_flash", "torch_efficient", "torch_cudnn"])
-def test_named_backend_that_cannot_run_falls_back_with_one_warning(backend):
+def test_named_backend_that_cannot_run_raises_and_names_auto(backend):
+    """An explicitly named backend is a request: it is never silently replaced by another kernel."""
+    q, k, v, _ = _inputs(torch.float32)
+    with pytest.raises(ValueError, match=rf"backend '{backend}' cannot run these inputs.*backend='auto', which would pick 'torch_cpu'"):
+        select_kernel(backend, q, k, v)
+
+
+def test_auto_falls_back_along_the_chain_with_one_warning(monkeypatch):
+    """``auto`` still passes over a kernel that refuses the inputs, with a one-time warning."""
     kernels._warned.clear()
     q, k, v, _ = _inputs(torch.float32)
-    with pytest.warns(RuntimeWarning, match=rf"backend '{backend}' cannot run these inputs.*falling back to 'torch_cpu'"):
-        assert select_kernel(backend, q, k, v).name == "torch_cpu"
+    monkeypatch.setattr(KERNELS["torch_cpu"], "unsupported_reason", lambda *a: "head_dim 12 is not supported")
+    with pytest.warns(RuntimeWarning, match="falling back to the 'reference' attention kernel: torch_cpu rejected"):
+        assert select_kernel("auto", q, k, v).name == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # second time: silent
-        assert select_kernel(backend, q, k, v).name == "torch_cpu"
+        assert select_kernel("auto", q, k, v).name == "reference"
 
 
 def test_unknown_backend_and_bad_gqa_shapes_are_errors():
@@ -64,13 +73,13 @@ def test_unknown_backend_and_bad_gqa_shapes_are_errors():
         select_kernel("auto", q[:, :, :5], k, v)
 
 
-def test_unsupported_dtype_on_cpu_falls_back_to_reference():
-    """Integer-free but unusual float dtypes the fused op lacks fall back, never crash."""
+@pytest.mark.parametrize("backend", ["auto", "torch_cpu", "reference"])
+def test_a_dtype_no_kernel_computes_is_a_type_error(backend):
+    """float8 is a storage format: every CPU kernel refuses it, and the error says what to cast to."""
     q, k, v, _ = _inputs(torch.float32)
     q, k, v = (t.to(torch.float8_e4m3fn) for t in (q, k, v))
-    kernels._warned.clear()
-    with pytest.warns(RuntimeWarning, match="falling back to the 'reference'"):
-        assert select_kernel("auto", q, k, v).name == "reference"
+    with pytest.raises(TypeError, match=r"cast q/k/v to one of torch.bfloat16, torch.float16, torch.float32, torch.float64"):
+        select_kernel(backend, q, k, v)
 
 
 @pytest.mark.cuda
