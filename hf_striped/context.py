@@ -4,6 +4,7 @@ attention over a process group."""
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .guards import collective, collective_device, resolve_check_finite, resolve_timeout
 from .kernels import BACKENDS
 from .layout import check_layout, global_indices
 from .ring import group_rank_size
@@ -26,6 +28,13 @@ class ContextParallelState:
     """How every sequence was sharded over ``group`` (``hf_striped.LAYOUTS``)."""
     backend: str = "auto"
     """Block kernel (``hf_striped.kernels.BACKENDS``)."""
+    timeout: float | None = None
+    """Seconds any rank waits for one ring message or check before raising ``RingCommError``
+    (``None``: the ``HF_STRIPED_TIMEOUT`` environment variable, else 600)."""
+    check_finite: bool | None = None
+    """Check every attention block for NaN/Inf (``None``: ``HF_STRIPED_CHECK_FINITE``, else off)."""
+    train_step: int | None = None
+    """The training step, named in NaN/Inf errors; set it as training advances."""
     rank: int = field(init=False)
     world_size: int = field(init=False)
     _checked: object = field(default=None, init=False, repr=False)
@@ -34,21 +43,35 @@ class ContextParallelState:
         check_layout(self.layout)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.group is None and not (dist.is_available() and dist.is_initialized()) and _launched_world() > 1:
+            raise RuntimeError(
+                f"hf_striped.context_parallel got no process group in a process launched as one of WORLD_SIZE="
+                f"{_launched_world()}, and torch.distributed is not initialised (torch.distributed.group.WORLD is "
+                "None until it is): call torch.distributed.init_process_group(...) (or create the Accelerator or "
+                "hf_striped.ContextParallel) before entering the context, and pass its group"
+            )
         self.rank, self.world_size = group_rank_size(self.group)
+        self.timeout = resolve_timeout(self.timeout)
+        self.check_finite = resolve_check_finite(self.check_finite)
 
     def new_forward(self) -> None:
         """Forget the last checked position tensor. Called at a point every rank reaches once per
         forward, so whether the check (a collective) runs never differs between ranks."""
         self._checked = None
 
-    def check_positions(self, position_ids: torch.Tensor | None, batch: int, seq_local: int) -> None:
+    def check_positions(self, position_ids: torch.Tensor | None, batch: int, seq_local: int,
+                        agree: torch.Tensor | None = None, on_disagree=None) -> None:
         """Verify that ``position_ids`` are this rank's shard of one unbroken run of global
         positions per row (``base + arange(N)``), identically based on every rank.
 
         Runs once per forward (all layers share one position tensor; :meth:`new_forward`, called
-        by the mask function on every rank, resets the cache), at the cost of one tiny
-        all-reduce. Every rank reaches the same verdict, so a bad input raises everywhere instead
-        of leaving peers waiting in the ring.
+        by the mask function on every rank, resets the cache), at the cost of one all-reduce of
+        a fixed number of integers. Every rank reaches the same verdict, so a bad input raises
+        everywhere instead of leaving peers waiting in the ring.
+
+        ``agree`` (int64, 1-d, the same length on every rank) rides along in that all-reduce; if
+        it differs between ranks, ``on_disagree(lo, hi)`` (its group-wide min and max) is called
+        first, and is expected to raise.
         """
         if position_ids is None:
             raise ValueError(
@@ -58,20 +81,39 @@ class ContextParallelState:
             )
         if self._checked is not None and self._checked() is position_ids:
             return
-        pos = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch, -1)
-        if pos.shape[-1] != seq_local:
-            raise ValueError(
-                f"position_ids hold {pos.shape[-1]} positions per row but this rank has {seq_local} tokens"
-            )
-        gidx = global_indices(self.layout, self.rank, self.world_size, seq_local * self.world_size, pos.device)
-        offset = pos.long() - gidx
-        bad = (offset != offset[:, :1]).any(dim=1).long()
-        base = offset[:, 0]
-        verdict = torch.cat([base, -base, bad])
+        # Everything below is reduced to a fixed number of integers, and nothing raises before
+        # the all-reduce: a rank that raised alone would leave its peers waiting in it.
+        pos = position_ids.reshape(-1, position_ids.shape[-1])
+        wrong_shape = pos.shape[-1] != seq_local or pos.shape[0] not in (1, batch)
+        if wrong_shape:
+            summary = torch.zeros(5, dtype=torch.int64)
+        else:
+            gidx = global_indices(self.layout, self.rank, self.world_size, seq_local * self.world_size, pos.device)
+            offset = (pos.expand(batch, -1).long() - gidx).cpu()
+            base = offset[:, 0]
+            rows = torch.arange(1, batch + 1)
+            # Bases must match row for row on every rank: compare checksums of them.
+            summary = torch.stack([(offset != base[:, None]).any().long(), (base * rows).sum(), (base * base).sum(),
+                                   base.max(), base.min()])
+        extra = torch.zeros(0, dtype=torch.int64) if agree is None else agree.to(torch.int64).cpu()
+        x = torch.cat([extra, torch.tensor([int(wrong_shape)]), summary])
+        verdict = torch.cat([x, -x])
         if self.world_size > 1:
-            dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.group)
-        hi, neg_lo, anybad = verdict[:batch], verdict[batch : 2 * batch], verdict[2 * batch :]
-        if bool(anybad.any()) or bool((hi != -neg_lo).any()):
+            verdict = verdict.to(collective_device(self.group))
+            collective(dist.all_reduce, verdict, self.group, self.timeout, "hf_striped's position_ids check "
+                       "(the first collective of every forward inside context_parallel)", op=dist.ReduceOp.MAX)
+            verdict = verdict.cpu()
+        hi, lo = verdict[: len(x)], -verdict[len(x):]
+        n = extra.numel()
+        if on_disagree is not None and not torch.equal(hi[:n], lo[:n]):
+            on_disagree(lo[:n], hi[:n])
+        if bool(hi[n]):
+            raise ValueError(
+                f"position_ids must be [batch or 1, tokens on this rank]; got {tuple(position_ids.shape)} on this rank "
+                f"(batch {batch}, {seq_local} tokens) or a wrong shape on another rank of the CP group. Build them "
+                "with hf_striped.shard(torch.arange(N).expand(batch, -1), dim=1, group=group, layout=layout)."
+            )
+        if bool(hi[n + 1]) or not torch.equal(hi[n + 2:], lo[n + 2:]):
             raise ValueError(
                 "position_ids inside hf_striped.context_parallel must be each rank's shard, in the "
                 f"{self.layout!r} layout, of one unbroken run of global positions per row (base + 0, 1, ..., "
@@ -82,6 +124,14 @@ class ContextParallelState:
                 "dim=1, group=group, layout=layout)."
             )
         self._checked = weakref.ref(position_ids)
+
+
+def _launched_world() -> int:
+    """WORLD_SIZE as set by torchrun / accelerate launch (1 when not launched that way)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 _ACTIVE: ContextVar[ContextParallelState | None] = ContextVar("hf_striped_context_parallel", default=None)
@@ -146,7 +196,15 @@ def state_for_attention_call(position_ids: torch.Tensor | None) -> ContextParall
 
 
 @contextlib.contextmanager
-def context_parallel(group: dist.ProcessGroup | None, layout: str = "striped", *, backend: str = "auto"):
+def context_parallel(
+    group: dist.ProcessGroup | None,
+    layout: str = "striped",
+    *,
+    backend: str = "auto",
+    timeout: float | None = None,
+    check_finite: bool | None = None,
+    train_step: int | None = None,
+):
     """Run every ``striped_ring`` attention module inside this block as ring attention over ``group``.
 
     Each rank feeds the model its shard of the sequence (:func:`hf_striped.shard` with the same
@@ -154,8 +212,15 @@ def context_parallel(group: dist.ProcessGroup | None, layout: str = "striped", *
     the ring sees the global causal order. ``group=None`` means this process alone. Outside
     the block, ``striped_ring`` behaves exactly like ``sdpa``. ``backward()`` may run inside or
     after the block: gradient checkpointing's recomputation reuses the forward's context.
+
+    ``timeout`` bounds every wait for a peer (a dead or stuck rank raises
+    :class:`hf_striped.guards.RingCommError` naming the ring step and peer); ``check_finite``
+    turns on the NaN/Inf guard; ``train_step`` is named in its errors. See
+    :class:`ContextParallelState` for their defaults.
     """
-    state = ContextParallelState(group=group, layout=layout, backend=backend)
+    state = ContextParallelState(
+        group=group, layout=layout, backend=backend, timeout=timeout, check_finite=check_finite, train_step=train_step
+    )
     token = _ACTIVE.set(state)
     try:
         yield state

@@ -29,7 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .context import active_context, state_for_attention_call
 from .patches import check_model, windows_reach_attention
 from .patches import rope as _rope
-from .ring import ring_attention
+from .ring import check_peer_spread, peer_signature, ring_attention
 
 ATTN_IMPLEMENTATION = "striped_ring"
 
@@ -54,7 +54,8 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     if not is_causal:
-        _refuse("non-causal (bidirectional) attention", "striped_ring is for causal language models.")
+        _refuse("non-causal (bidirectional) attention", "striped_ring is for causal language models. Load encoders "
+                "with attn_implementation='sdpa' and run them outside hf_striped.context_parallel.")
     if key.shape[2] != query.shape[2]:
         _refuse(
             "a KV cache (generation or cached prefixes)",
@@ -147,15 +148,23 @@ def striped_ring_attention_forward(
     config = getattr(module, "config", None)
     _check_model_once(config)
     _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
-    state.check_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
+    query, key, value = _autocast_inputs(query, key, value)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    window = _window(module, kwargs, query.shape[2] * state.world_size)
+    # One all-reduce per forward checks positions and, riding along, that every rank calls the
+    # ring with the same shapes (later layers of the forward are then known to agree too).
+    state.check_positions(
+        kwargs.get("position_ids"), query.shape[0], query.shape[2],
+        agree=peer_signature(q, k, v, state.layout, True, window),
+        on_disagree=lambda lo, hi: check_peer_spread(lo, hi, q, k, state.group, _layer_name(module)),
+    )
     if config is not None:  # longrope's factor choice must agree across ranks (patches/rope.py)
         _rope.check_forward(config, kwargs["position_ids"], layout=state.layout, rank=state.rank,
                             world_size=state.world_size, seq_local=query.shape[2])
-    query, key, value = _autocast_inputs(query, key, value)
     out = ring_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
+        q,
+        k,
+        v,
         group=state.group,
         layout=state.layout,
         causal=True,
@@ -163,9 +172,19 @@ def striped_ring_attention_forward(
         backend=state.backend,
         softcap=kwargs.get("softcap"),
         sinks=kwargs.get("s_aux"),
-        window=_window(module, kwargs, query.shape[2] * state.world_size),
+        window=window,
+        timeout=state.timeout,
+        check_finite=state.check_finite,
+        name=_layer_name(module),
+        train_step=state.train_step,
+        check_peers=False,
     )
     return out, None
+
+
+def _layer_name(module) -> str:
+    idx = getattr(module, "layer_idx", None)
+    return f"{type(module).__name__} of layer {idx}" if idx is not None else type(module).__name__
 
 
 def striped_ring_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):

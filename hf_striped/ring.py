@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 from .kernels import select_kernel
 from .kernels.reference import ReferenceKernel
 from .layout import BAND_ROWS, check_layout
+from .guards import FiniteGuard, collective, collective_device, resolve_check_finite, resolve_timeout
 from .schedule import backward_schedule, forward_schedule
 from .transport import CommStats, run_dist, run_inprocess
 
@@ -39,7 +40,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                 f"{tuple(t.shape)}"
             )
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}; cast q/k/v to float32, bfloat16 or float16")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -88,31 +89,92 @@ def _sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks:
     return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
 
 
-def _run(gen, group):
+class _Opts:
+    """Per-call settings that are not tensors: ``timeout`` seconds per ring wait, the finite
+    ``guard`` (or ``None``) and the ``name`` used in error messages."""
+
+    __slots__ = ("timeout", "guard", "name", "check_peers")
+
+    def __init__(self, timeout: float, guard: FiniteGuard | None, name: str | None, check_peers: bool = True):
+        self.timeout, self.guard, self.name, self.check_peers = timeout, guard, name, check_peers
+
+
+def _run(gen, group, opts: _Opts, phase: str):
     if group is None or dist.get_world_size(group) == 1:
         return run_inprocess([gen])[0]
-    return run_dist(gen, group)
+    return run_dist(gen, group, timeout=opts.timeout, phase=phase, name=opts.name)
+
+
+_DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torch.bfloat16, torch.float16))}
+
+
+_SIGNATURE = ("batch", "tokens per rank", "query heads", "key/value heads", "head_dim", "value head_dim", "dtype",
+              "layout", "causal", "window")
+
+
+def peer_signature(q, k, v, layout: str, causal: bool, window: int | None) -> torch.Tensor:
+    """What every rank of a CP group must agree on for its ring messages to match, as int64
+    (fields :data:`_SIGNATURE`; q/k/v ``[b, c, h, d]``)."""
+    values = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES.get(q.dtype, 99),
+              ("striped", "contiguous", "zigzag").index(layout), int(causal), window or 0)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def check_peer_spread(lo: torch.Tensor, hi: torch.Tensor, q, k, group, name: str | None) -> None:
+    """Raise if the group-wide min ``lo`` and max ``hi`` of :func:`peer_signature` differ.
+    Every rank sees the same ``lo``/``hi``, so every rank raises together."""
+    differ = [f"{f} ranges {int(a)}..{int(b)}" for f, a, b in zip(_SIGNATURE, lo, hi) if a != b]
+    if not differ:
+        return
+    dtypes = {v: k for k, v in _DTYPE_CODES.items()}
+    i = _SIGNATURE.index("dtype")
+    differ = [d if not d.startswith("dtype") else
+              f"dtype differs ({', '.join(str(dtypes.get(int(c), 'other')) for c in (lo[i], hi[i]))})" for d in differ]
+    raise ValueError(
+        f"hf_striped ring attention{f' ({name})' if name else ''}: the ranks of the CP group called it with different "
+        f"inputs ({'; '.join(differ)}; this is CP rank {dist.get_rank(group)}: batch {q.shape[0]}, {q.shape[1]} tokens, "
+        f"{q.shape[2]}/{k.shape[2]} heads, head_dim {q.shape[3]}, {q.dtype}). Every rank must hold its shard of the "
+        "same global batch: shard it with hf_striped.shard (or the StripingCollator) with the same layout on every "
+        "rank, and load the same model config and dtype everywhere."
+    )
+
+
+def _check_peers(q, k, v, group, layout, causal, window, opts: _Opts) -> None:
+    """Every rank of ``group`` must call the ring with the same shapes and settings, or the
+    messages it exchanges would not match (a hang, or garbage). One all-reduce of a few integers
+    (max of x and of -x) compares them, so every rank reaches the same verdict."""
+    x = peer_signature(q, k, v, layout, causal, window)
+    both = torch.cat([x, -x]).to(collective_device(group))
+    collective(dist.all_reduce, both, group, opts.timeout,
+               f"hf_striped ring attention{f' ({opts.name})' if opts.name else ''}: the shape agreement check",
+               op=dist.ReduceOp.MAX)
+    both = both.cpu()
+    check_peer_spread(-both[len(x):], both[: len(x)], q, k, group, opts.name)
 
 
 class _RingAttention(torch.autograd.Function):
     """One rank's ring attention over a ``torch.distributed`` group (or alone for ``None``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, group, layout, causal, scale, kernel, window):
+    def forward(ctx, q, k, v, sinks, group, layout, causal, scale, kernel, window, opts: _Opts):
         rank, world = group_rank_size(group)
+        if world > 1 and opts.check_peers:
+            _check_peers(q, k, v, group, layout, causal, window, opts)
+        if opts.guard is not None:
+            opts.guard.inputs("forward", q=q, k=k, v=v)
         q, k, v = _last_dim_contiguous(q), k.contiguous(), v.contiguous()
         gen = forward_schedule(
             q, k, v, rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel,
-            window=window,
+            window=window, guard=opts.guard,
         )
-        out_acc, lse = _run(gen, group)
+        out_acc, lse = _run(gen, group, opts, "forward")
         if sinks is not None:
             # Backward with the sink-inclusive (out, lse) gives exact dq/dk/dv: every block's
             # probabilities exp(s - lse') are then the sink-inclusive softmax.
             out_acc, lse = _apply_sinks(out_acc, lse, sinks)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, _out_for_backward(kernel, out_acc, out), lse, sinks)
-        ctx.args = (group, rank, world, layout, causal, scale, kernel, window)
+        ctx.args = (group, rank, world, layout, causal, scale, kernel, window, opts)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -120,15 +182,18 @@ class _RingAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        group, rank, world, layout, causal, scale, kernel, window = ctx.args
+        group, rank, world, layout, causal, scale, kernel, window, opts = ctx.args
         dout = _last_dim_contiguous(dout)
+        if opts.guard is not None:
+            opts.guard.inputs("backward", **{"the output gradient": dout})
         gen = backward_schedule(
             dout, q, k, v, out, lse,
             rank=rank, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel, window=window,
+            guard=opts.guard,
         )
-        dq, dk, dv = _run(gen, group)
+        dq, dk, dv = _run(gen, group, opts, "backward")
         dsinks = _sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None
 
 
 class _InProcessRingAttention(torch.autograd.Function):
@@ -136,12 +201,14 @@ class _InProcessRingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, *tensors):
-        world, layout, causal, scale, kernel, stats, window = meta
+        world, layout, causal, scale, kernel, stats, window, guards = meta
         qs, ks, vs = tensors[:world], tensors[world : 2 * world], tensors[2 * world :]
+        for r, guard in enumerate(guards):
+            guard.inputs("forward", q=qs[r], k=ks[r], v=vs[r])
         gens = [
             forward_schedule(
                 qs[r], ks[r], vs[r], rank=r, world_size=world, layout=layout, causal=causal, scale=scale,
-                kernel=kernel, window=window,
+                kernel=kernel, window=window, guard=guards[r] if guards else None,
             )
             for r in range(world)
         ]
@@ -157,7 +224,7 @@ class _InProcessRingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        world, layout, causal, scale, kernel, stats, window = ctx.meta
+        world, layout, causal, scale, kernel, stats, window, guards = ctx.meta
         saved = ctx.saved_tensors
         qs, ks, vs = saved[:world], saved[world : 2 * world], saved[2 * world : 3 * world]
         outs, lses = saved[3 * world : 4 * world], saved[4 * world :]
@@ -167,6 +234,7 @@ class _InProcessRingAttention(torch.autograd.Function):
                 _last_dim_contiguous(douts[r]) if douts[r] is not None else torch.zeros_like(outs[r]),
                 qs[r], ks[r], vs[r], outs[r], lses[r],
                 rank=r, world_size=world, layout=layout, causal=causal, scale=scale, kernel=kernel, window=window,
+                guard=guards[r] if guards else None,
             )
             for r in range(world)
         ]
@@ -252,13 +320,23 @@ def ring_attention_with_lse(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     window: int | None = None,
+    timeout: float | None = None,
+    check_finite: bool | None = None,
+    name: str | None = None,
+    train_step: int | None = None,
+    check_peers: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` that also returns the float32 log-sum-exp ``[batch, heads, seq_local]``
     of every local query row (not differentiable; it includes the sinks when given)."""
     scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend, softcap)
     _check_sinks(sinks, q)
     _check_window(window, causal, kernel)
-    return _RingAttention.apply(q, k, v, sinks, group, layout, causal, scale, kernel, window)
+    guard = None
+    if resolve_check_finite(check_finite):
+        rank, world = group_rank_size(group)
+        guard = FiniteGuard(rank=rank, world_size=world, name=name, train_step=train_step)
+    opts = _Opts(resolve_timeout(timeout), guard, name, check_peers)
+    return _RingAttention.apply(q, k, v, sinks, group, layout, causal, scale, kernel, window, opts)
 
 
 def ring_attention(
@@ -274,6 +352,11 @@ def ring_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     window: int | None = None,
+    timeout: float | None = None,
+    check_finite: bool | None = None,
+    name: str | None = None,
+    train_step: int | None = None,
+    check_peers: bool = True,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -299,13 +382,26 @@ def ring_attention(
             keys g - window < g' <= g, Transformers' convention). Blocks wholly outside it are
             skipped; the triangular edges of band blocks run on the reference kernel (warns
             once), full and causal pieces on the fused one.
+        timeout: seconds any rank waits for one ring message before raising
+            :class:`hf_striped.guards.RingCommError` (naming the ring step and peer); default
+            the ``HF_STRIPED_TIMEOUT`` environment variable, else 600. A dead peer fails at once.
+        check_finite: check every block's output and log-sum-exp (and backward's gradient
+            pieces) for NaN/Inf and raise :class:`hf_striped.guards.NonFiniteError` naming the
+            layer, rank and step of the first; default the ``HF_STRIPED_CHECK_FINITE``
+            environment variable, else off (it costs a pass over every block).
+        name: what to call this call in error messages (e.g. ``"layer 5"``).
+        train_step: the training step, for error messages.
+        check_peers: compare shapes, dtype and settings across the group first (one all-reduce
+            of a few integers; every rank raises the same ``ValueError`` on a mismatch). Callers
+            that already checked (the model integration does, once per forward) pass ``False``.
 
     Returns:
         The attention output shaped like ``q``, in ``q.dtype``, differentiable in q, k, v.
     """
     return ring_attention_with_lse(
         q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale, backend=backend,
-        softcap=softcap, sinks=sinks, window=window,
+        softcap=softcap, sinks=sinks, window=window, timeout=timeout, check_finite=check_finite, name=name,
+        train_step=train_step, check_peers=check_peers,
     )[0]
 
 
@@ -321,13 +417,14 @@ def ring_attention_inprocess(
     stats: list[CommStats] | None = None,
     softcap: float | None = None,
     window: int | None = None,
+    check_finite: bool | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the same ring schedule for ``len(qs)`` virtual ranks in this process.
 
     ``qs[r]``/``ks[r]``/``vs[r]`` are rank r's shards (see :func:`hf_striped.layout.shard_local`).
     Returns ``(outs, lses)``, per rank; outputs are differentiable. ``stats``, if given (one
-    :class:`CommStats` per rank), records every message each rank sends. ``softcap`` and
-    ``window`` as in :func:`ring_attention`.
+    :class:`CommStats` per rank), records every message each rank sends. ``softcap``, ``window``
+    and ``check_finite`` as in :func:`ring_attention`.
     """
     world = len(qs)
     if not world or len(ks) != world or len(vs) != world:
@@ -341,5 +438,7 @@ def ring_attention_inprocess(
     qs = [_last_dim_contiguous(q) for q in qs]
     ks = [k.contiguous() for k in ks]
     vs = [v.contiguous() for v in vs]
-    res = _InProcessRingAttention.apply((world, layout, causal, scale, kernel, stats, window), *qs, *ks, *vs)
+    guards = [FiniteGuard(rank=r, world_size=world, name=None, train_step=None) for r in range(world)] \
+        if resolve_check_finite(check_finite) else []
+    res = _InProcessRingAttention.apply((world, layout, causal, scale, kernel, stats, window, guards), *qs, *ks, *vs)
     return list(res[:world]), list(res[world:])

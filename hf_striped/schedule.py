@@ -78,17 +78,21 @@ def _lse_rows(lse: torch.Tensor, sl: slice, blk: Block) -> torch.Tensor:
     return _rows(lse.transpose(1, 2), sl, blk).transpose(1, 2)
 
 
-def forward_step(q, k, v, out, lse_t, blks: list[Block], kernel, scale: float) -> None:
+def forward_step(q, k, v, out, lse_t, blks: list[Block], kernel, scale: float, *, guard=None, step: int = 0,
+                 source: int = 0) -> None:
     """Fold one K/V block (the kernel calls ``blks``) into the running result, in place.
 
     ``q`` ``[b, c, h, d]``; ``k``/``v`` ``[b, c, hk, d]``; ``out`` ``[b, c, h, d]`` and ``lse_t``
     ``[b, c, h]`` (the log-sum-exp stored sequence-major, so batched pieces fold as views) are
     contiguous float32/float64 accumulators. This is the whole compute of one ring step; the
-    benchmark times it per (rank, step)."""
+    benchmark times it per (rank, step). ``guard`` (:class:`hf_striped.guards.FiniteGuard`)
+    checks every block's result, reported as ring ``step`` with K/V from rank ``source``."""
     for blk in blks:
         o_b, lse_b = block_kernel(kernel, blk).forward(
             _rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale, **_band(blk)
         )
+        if guard is not None:
+            guard.block("forward", step, source, lse=lse_b, **{"the block output": o_b})
         merge_(_target(out, blk.q, blk), _target(lse_t, blk.q, blk).transpose(1, 2), o_b, lse_b)
 
 
@@ -103,7 +107,8 @@ def _accumulate(total, part, blk: Block, only: bool, shape, dtype):
     return total
 
 
-def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale: float, acc: torch.dtype):
+def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale: float, acc: torch.dtype, *,
+                  guard=None, step: int = 0, source: int = 0):
     """One ring step's backward: adds this K/V block's share to ``dq`` (contiguous, ``acc``
     dtype) in place and returns its partial ``(dk, dv)`` (``None`` when nothing is visible).
     ``out``/``lse`` are the final output and log-sum-exp ``[b, h, c]`` of the local rows."""
@@ -121,6 +126,8 @@ def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale:
             scale,
             **_band(blk),
         )
+        if guard is not None:
+            guard.block("backward", step, source, **{"the block's dq": dq_b, "dk": dk_b, "dv": dv_b})
         _target(dq, blk.q, blk).add_(dq_b)
         dk = _accumulate(dk, dk_b, blk, only, k.shape, acc)
         dv = _accumulate(dv, dv_b, blk, only, v.shape, acc)
@@ -140,11 +147,13 @@ def forward_schedule(
     kernel,
     split: int | None = None,
     window: int | None = None,
+    guard=None,
 ) -> Schedule:
     """One rank's forward ring. Returns ``(out, lse)``: the merged output ``[b, c, h, d]`` and
     log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype.
     ``split``: causal split of the blocks (default: the kernel's ``causal_split``).
-    ``window``: sliding window in tokens (``None``: plain causal), see ``layout.blocks``."""
+    ``window``: sliding window in tokens (``None``: plain causal), see ``layout.blocks``.
+    ``guard``: a :class:`hf_striped.guards.FiniteGuard` that checks every block (optional)."""
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
     split = kernel_split(kernel, split)
@@ -154,9 +163,10 @@ def forward_schedule(
     for step in range(world_size):
         last = step == world_size - 1
         if not last:
-            ticket = yield Post(kv)
+            ticket = yield Post(kv, "K/V", step)
         source = (rank - step) % world_size
-        forward_step(q, kv[0], kv[1], out, lse_t, blocks(layout, rank, source, world_size, c, causal, split=split, window=window), kernel, scale)
+        forward_step(q, kv[0], kv[1], out, lse_t, blocks(layout, rank, source, world_size, c, causal, split=split, window=window),
+                     kernel, scale, guard=guard, step=step, source=source)
         if not last:
             kv = yield Wait(ticket)
     return out, lse_t.transpose(1, 2).contiguous()
@@ -178,6 +188,7 @@ def backward_schedule(
     kernel,
     split: int | None = None,
     window: int | None = None,
+    guard=None,
 ) -> Schedule:
     """One rank's backward ring. Returns ``(dq, dk, dv)`` in the dtypes of q, k, v."""
     c = q.shape[1]
@@ -189,10 +200,11 @@ def backward_schedule(
     for step in range(world_size):
         last = step == world_size - 1
         if not last:
-            kv_ticket = yield Post(kv)
+            kv_ticket = yield Post(kv, "K/V", step)
         source = (rank - step) % world_size
         blks = blocks(layout, rank, source, world_size, c, causal, split=split, window=window)
-        dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, blks, kernel, scale, acc)
+        dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, blks, kernel, scale, acc, guard=guard, step=step,
+                               source=source)
         if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -201,7 +213,7 @@ def backward_schedule(
                 dk_prev, dv_prev = yield Wait(dkv_ticket)
                 dk += dk_prev
                 dv += dv_prev
-            dkv_ticket = yield Post((dk, dv))
+            dkv_ticket = yield Post((dk, dv), "dK/dV partial sums", step)
         if not last:
             kv = yield Wait(kv_ticket)
     if world_size > 1:

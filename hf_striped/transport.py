@@ -13,6 +13,7 @@ runs it:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .guards import resolve_timeout, wait_all
+
 
 @dataclass
 class Post:
-    """Send ``tensors`` to rank + 1 and receive tensors of the same shapes from rank - 1."""
+    """Send ``tensors`` to rank + 1 and receive tensors of the same shapes from rank - 1.
+    ``what`` and ``step`` name the message in errors ("K/V", ring step 2)."""
 
     tensors: tuple[torch.Tensor, ...]
+    what: str = "ring message"
+    step: int | None = None
 
 
 @dataclass
@@ -53,11 +59,20 @@ class CommStats:
         self.largest_message = max(self.largest_message, n)
 
 
-def run_dist(gen: Schedule, group: dist.ProcessGroup) -> Any:
-    """Drive one rank's schedule over ``torch.distributed`` point-to-point ops in ``group``."""
+def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float | None = None, phase: str = "ring",
+             name: str | None = None) -> Any:
+    """Drive one rank's schedule over ``torch.distributed`` point-to-point ops in ``group``.
+
+    Every ``Wait`` has a deadline of ``timeout`` seconds (see :mod:`hf_striped.guards`); a peer
+    that died or stalled raises :class:`~hf_striped.guards.RingCommError` naming ``phase``
+    ("forward"/"backward"), the ring step, the message and the peer, instead of waiting forever.
+    ``name`` (e.g. "layer 5") is added to that message.
+    """
+    timeout = resolve_timeout(timeout)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     send_to = dist.get_global_rank(group, (rank + 1) % world)
     recv_from = dist.get_global_rank(group, (rank - 1) % world)
+    where = f"hf_striped ring attention{f' ({name})' if name else ''}, CP rank {rank} of {world} (global rank {dist.get_rank()})"
     value = None
     while True:
         try:
@@ -66,8 +81,21 @@ def run_dist(gen: Schedule, group: dist.ProcessGroup) -> Any:
             return stop.value
         # Locals here must not outlive one step: a finished Work still references its tensors,
         # and holding one would keep an extra K/V block alive for the whole step.
-        value = _post(msg.tensors, send_to, recv_from, group) if isinstance(msg, Post) else _wait(msg.ticket)
+        if isinstance(msg, Post):
+            value = _Ticket(*_post(msg.tensors, send_to, recv_from, group), msg.what, msg.step)
+        else:
+            value = _wait(msg.ticket, timeout, where, phase, world, rank, (rank + 1) % world, (rank - 1) % world,
+                          send_to, recv_from)
         msg = None
+
+
+@dataclass
+class _Ticket:
+    works: list
+    bufs: tuple
+    n_send: int
+    what: str
+    step: int | None
 
 
 def _post(tensors, send_to, recv_from, group):
@@ -75,14 +103,27 @@ def _post(tensors, send_to, recv_from, group):
     bufs = tuple(torch.empty_like(t) for t in tensors)
     ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, recv_from, group) for b in bufs]
-    return dist.batch_isend_irecv(ops), bufs
+    return dist.batch_isend_irecv(ops), bufs, len(tensors)
 
 
-def _wait(ticket):
-    works, bufs = ticket
-    for w in works:
-        w.wait()
-    return bufs
+def _wait(ticket: _Ticket, timeout, where, phase, world, rank, next_cp, prev_cp, send_to, recv_from):
+    works, n = ticket.works, ticket.n_send
+    step = "" if ticket.step is None else f" step {ticket.step + 1} of {world}"  # 1-based for people
+
+    def describe(i: int) -> str:
+        if len(works) != 2 * n:  # a backend that coalesces the batch into one work
+            return (f"{where}, {phase}{step}: exchanging {ticket.what} with CP ranks {next_cp} (send, global "
+                    f"{send_to}) and {prev_cp} (receive, global {recv_from})")
+        if i < n:
+            return f"{where}, {phase}{step}: sending {ticket.what} to CP rank {next_cp} (global rank {send_to})"
+        return f"{where}, {phase}{step}: receiving {ticket.what} from CP rank {prev_cp} (global rank {recv_from})"
+
+    peers = [send_to] * n + [recv_from] * n if len(works) == 2 * n else [None] * len(works)
+    # Receives first: a dead or stuck peer shows up as the message that never came.
+    order = list(range(n, len(works))) + list(range(min(n, len(works)))) if len(works) == 2 * n else list(range(len(works)))
+    wait_all([works[i] for i in order], time.monotonic() + timeout, lambda j: describe(order[j]), timeout,
+             phase=phase, step=ticket.step, rank=rank, peers=[peers[i] for i in order])
+    return ticket.bufs
 
 
 def run_inprocess(gens: list[Schedule], stats: list[CommStats] | None = None) -> list[Any]:

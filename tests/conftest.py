@@ -1,6 +1,12 @@
+import os
+
 import pytest
 
 from dist_pool import DistPool
+
+# The NaN/Inf guard is off by default for speed; every test (and every process a test starts,
+# which inherits this environment) runs with it on, so a non-finite block anywhere fails loudly.
+os.environ.setdefault("HF_STRIPED_CHECK_FINITE", "1")
 
 _pools: dict[int, DistPool] = {}
 

@@ -108,7 +108,7 @@ class _CommSpy:
                "all_to_all", "all_to_all_single", "all_reduce", "reduce_scatter", "reduce_scatter_tensor")
 
     def __init__(self):
-        self.collectives: list[str] = []
+        self.collectives: list[tuple[str, int]] = []  # (name, elements of its tensor argument)
         self.p2p_numels: list[int] = []
         self._saved = {}
 
@@ -118,7 +118,8 @@ class _CommSpy:
             self._saved[name] = orig
 
             def wrapped(*a, __name=name, __orig=orig, **k):
-                self.collectives.append(__name)
+                tensor = next((x for x in (*a, *k.values()) if isinstance(x, torch.Tensor)), None)
+                self.collectives.append((__name, -1 if tensor is None else tensor.numel()))
                 return __orig(*a, **k)
 
             setattr(dist, name, wrapped)

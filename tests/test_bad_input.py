@@ -208,9 +208,6 @@ def test_dtype_no_kernel_can_run(backend):
 
 # -- process group ------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="context_parallel runs as one process: dist.group.WORLD is None before "
-                   "init_process_group, so it cannot tell it from group=None; needs a check in context.py "
-                   "(issue 6 report). Remove this marker with that fix.")
 def test_context_without_a_process_group(monkeypatch):
     """Launched by torchrun/accelerate (WORLD_SIZE=2 in the environment) but without
     init_process_group: ``dist.group.WORLD`` is then ``None``, and the context must refuse

@@ -1,0 +1,167 @@
+"""Workers for tests/test_faults.py: a real gloo group of fresh processes in which one rank
+dies (SIGKILL) or stalls (SIGSTOP) at a chosen ring step, forward or backward, while the others
+run ring attention with a short timeout. Each survivor reports what it raised and how long it
+took; the test asserts on those reports."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import time
+import traceback
+
+
+def _die_at(phase: str, step: int, how: str) -> None:
+    """Make this process die or stall when its ring reaches ``step`` of ``phase``: fault
+    injection by wrapping the schedule's per-step compute function in this process only."""
+    from hf_striped import schedule
+
+    name = "forward_step" if phase == "forward" else "backward_step"
+    original = getattr(schedule, name)
+
+    def hooked(*args, **kwargs):
+        if kwargs.get("step") == step:
+            os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        return original(*args, **kwargs)
+
+    setattr(schedule, name, hooked)
+
+
+def ring_fault_worker(rank: int, world: int, port: int, victim: int, phase: str, step: int, how: str,
+                      timeout: float, report_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # The process group's own timeout is long: what must end the wait is hf_striped's.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    from hf_striped import ring_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 64, 4, 16, requires_grad=True)
+    k = torch.randn(1, 64, 2, 16, requires_grad=True)
+    v = torch.randn(1, 64, 2, 16, requires_grad=True)
+    ring_attention(q, k, v, group=dist.group.WORLD, timeout=timeout).sum().backward()  # a clean round first
+    if rank == victim:
+        _die_at(phase, step, how)
+    t0 = time.monotonic()
+    report = {"rank": rank}
+    try:
+        ring_attention(q, k, v, group=dist.group.WORLD, timeout=timeout).sum().backward()
+        report["raised"] = None
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        report.update(raised=type(exc).__name__, message=str(exc), phase=getattr(exc, "phase", None),
+                      step=getattr(exc, "step", None), peer=getattr(exc, "peer", None),
+                      timed_out=getattr(exc, "timed_out", None), trace=traceback.format_exc()[-3000:])
+    report["seconds"] = time.monotonic() - t0
+    with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    # Return normally, with the broken process group still alive, as a training script whose
+    # exception propagates would: the test checks that this process then ends by itself.
+
+
+def mismatched_qkv(rank: int, world: int, field: str):
+    """Rank 1 calls the ring with a different ``field`` than its peers; returns what each raised."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_striped import ring_attention
+
+    shape = dict(batch=2, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32)
+    if rank == 1:
+        shape[field] = torch.float64 if field == "dtype" else shape[field] * 2
+    q = torch.randn(shape["batch"], 32, shape["heads"], shape["head_dim"], dtype=shape["dtype"])
+    kv = torch.randn(shape["batch"], 32, shape["kv_heads"], shape["head_dim"], dtype=shape["dtype"])
+    t0 = time.monotonic()
+    try:
+        ring_attention(q, kv, kv, group=dist.group.WORLD, timeout=60)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return None, "", time.monotonic() - t0
+
+
+def _poison(phase: str, step: int, layer: int) -> None:
+    """From now on, in this process, the block results of ring ``step`` of ``phase`` in the
+    attention of ``layer`` carry a NaN when the finite guard looks at them (as if the kernel had
+    produced one)."""
+    from hf_striped import schedule
+
+    name = "forward_step" if phase == "forward" else "backward_step"
+    original = getattr(schedule, name)
+
+    class Poisoned:
+        def __init__(self, guard):
+            self.guard = guard
+
+        def block(self, phase_, step_, source_, lse=None, **tensors):
+            first = next(iter(tensors))
+            tensors[first] = tensors[first].clone()
+            tensors[first].view(-1)[7] = float("nan")
+            return self.guard.block(phase_, step_, source_, lse=lse, **tensors)
+
+    def hooked(*args, **kwargs):
+        guard = kwargs.get("guard")
+        if guard is not None and kwargs.get("step") == step and (guard.name or "").endswith(f"layer {layer}"):
+            kwargs["guard"] = Poisoned(guard)
+        return original(*args, **kwargs)
+
+    setattr(schedule, name, hooked)
+
+
+def nan_in_block(rank: int, world: int, model_dir: str, phase: str, victim: int, step: int, layer: int):
+    """A real tiny Llama under context_parallel(check_finite=True, train_step=7) on ``world``
+    gloo ranks; on ``victim``, the block at ring ``step`` of ``layer`` reports a NaN. Returns
+    what each rank raised: the victim's NonFiniteError, its peers' RingCommError (short timeout)."""
+    import torch
+    import torch.distributed as dist
+
+    import hf_striped
+    from models import load
+
+    torch.manual_seed(0)
+    model = load(model_dir, "striped_ring")
+    ids = torch.randint(3, 100, (1, 16 * world))
+    pos = torch.arange(ids.shape[1]).expand(1, -1)
+    group = dist.group.WORLD
+    local = hf_striped.shard(ids, dim=1, group=group)
+    local_pos = hf_striped.shard(pos, dim=1, group=group)
+    if rank == victim:
+        _poison(phase, step, layer)
+    t0 = time.monotonic()
+    try:
+        with hf_striped.context_parallel(group, check_finite=True, train_step=7, timeout=5):
+            out = model(input_ids=local, position_ids=local_pos, use_cache=False)
+            out.logits.float().pow(2).mean().backward()
+    except Exception as exc:  # noqa: BLE001
+        return dict(raised=type(exc).__name__, message=str(exc), seconds=time.monotonic() - t0,
+                    **{k: getattr(exc, k, None) for k in ("rank", "step", "train_step", "where")})
+    return dict(raised=None, seconds=time.monotonic() - t0)
+
+
+def model_mismatch(rank: int, world: int, model_dir: str, other_dir: str, what: str):
+    """Real tiny Llamas inside context_parallel where rank 1 differs: ``"model"`` (another
+    config: more key/value heads) or ``"positions"`` (positions sharded with another layout).
+    Returns what each rank raised: every rank must raise, none may wait."""
+    import torch
+    import torch.distributed as dist
+
+    import hf_striped
+    from models import load
+
+    model = load(other_dir if (rank == 1 and what == "model") else model_dir, "striped_ring")
+    ids = torch.randint(3, 100, (1, 16 * world))
+    pos = torch.arange(ids.shape[1]).expand(1, -1)
+    group = dist.group.WORLD
+    local, local_pos = hf_striped.shard(ids, dim=1, group=group), hf_striped.shard(pos, dim=1, group=group)
+    if rank == 1 and what == "positions":  # sharded with another layout than the context's
+        local_pos = hf_striped.shard(pos, dim=1, group=group, layout="contiguous")
+    t0 = time.monotonic()
+    try:
+        with torch.no_grad(), hf_striped.context_parallel(group, timeout=60):
+            model(input_ids=local, position_ids=local_pos, use_cache=False)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return None, "", time.monotonic() - t0
