@@ -131,9 +131,14 @@ def collective_device(group=None) -> torch.device:
 def collective(fn, tensor: torch.Tensor, group, timeout: float | None, what: str, **kwargs) -> None:
     """Run the collective ``fn(tensor, group=group, async_op=True, **kwargs)`` with a deadline;
     failures raise :class:`RingCommError` naming ``what``."""
+    wait_work(fn(tensor, group=group, async_op=True, **kwargs), timeout, what)
+
+
+def wait_work(work, timeout: float | None, what: str) -> None:
+    """Wait for one started collective (``async_op=True``) with a deadline; failures raise
+    :class:`RingCommError` naming ``what``."""
     timeout = resolve_timeout(timeout)
     rank = dist.get_rank()
-    work = fn(tensor, group=group, async_op=True, **kwargs)
     wait_all([work], time.monotonic() + timeout, lambda _i: f"{what} (global rank {rank})", timeout,
              phase=what, step=None, rank=rank, peers=[None])
 

@@ -26,17 +26,10 @@ import torch.distributed as dist
 
 from .context import context_parallel
 from .data import FINGERPRINT_KEY, IGNORE_INDEX, StripingCollator
+from .guards import collective, collective_device, resolve_check_finite, resolve_timeout, wait_work
 from .kernels import BACKENDS
 from .layout import check_layout
 from .sharding import unshard
-
-
-def collective_device(group=None) -> torch.device:
-    """Where tensors for a collective on ``group`` must live: NCCL groups (Accelerate's default on
-    GPUs) have no CPU backend, so their small bookkeeping collectives run on this rank's GPU."""
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def check_cp_size(cp_size: int, world_size: int) -> None:
@@ -62,6 +55,14 @@ class ContextParallel:
         check_batches: compare a fingerprint of every global batch across the CP group (one tiny
             all-gather per micro-batch) and raise if ranks were given different batches.
         device_type: ``"cpu"`` or ``"cuda"``; default: ``"cuda"`` if the process group is NCCL.
+        timeout: seconds any rank waits for a peer in the ring or in these helpers' collectives
+            before raising ``hf_striped.guards.RingCommError`` (default: the
+            ``HF_STRIPED_TIMEOUT`` environment variable, else 600). Set the process group's own
+            timeout (``init_process_group(timeout=)``, Accelerate's ``InitProcessGroupKwargs``)
+            to bound the data-parallel gradient all-reduce as well.
+        check_finite: the NaN/Inf guard of every attention block (default: the
+            ``HF_STRIPED_CHECK_FINITE`` environment variable, else off). Set :attr:`train_step`
+            as training advances and its errors name the step.
     """
 
     def __init__(
@@ -72,11 +73,15 @@ class ContextParallel:
         backend: str = "auto",
         check_batches: bool = True,
         device_type: str | None = None,
+        timeout: float | None = None,
+        check_finite: bool | None = None,
     ):
         check_layout(layout)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.layout, self.backend, self.check_batches = layout, backend, check_batches
+        self.timeout, self.check_finite = resolve_timeout(timeout), resolve_check_finite(check_finite)
+        self.train_step: int | None = None
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if cp_size > 1 and not dist.is_initialized():
@@ -139,7 +144,8 @@ class ContextParallel:
                 )
             fp = fp.to(torch.int64).reshape(-1).to(collective_device(self.cp_group))
             parts = [torch.empty_like(fp) for _ in range(self.cp_size)]
-            dist.all_gather(parts, fp, group=self.cp_group)
+            wait_work(dist.all_gather(parts, fp, group=self.cp_group, async_op=True), self.timeout,
+                      "hf_striped's check that the CP group's ranks hold the same batch")
             parts = [p.cpu() for p in parts]
             differ = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
             if differ:
@@ -159,7 +165,7 @@ class ContextParallel:
         total = sum(int(b["shift_labels"].ne(IGNORE_INDEX).sum()) for b in batches)
         t = torch.tensor(total, dtype=torch.int64, device=collective_device())
         if self.world_size > 1:
-            dist.all_reduce(t)
+            collective(dist.all_reduce, t, None, self.timeout, "hf_striped's count of the step's target tokens")
         t = t.cpu()
         if t.item() == 0:
             raise ValueError(
@@ -176,7 +182,8 @@ class ContextParallel:
         if self.cp_size == 1:
             yield None
             return
-        with context_parallel(self.cp_group, self.layout, backend=self.backend) as state:
+        with context_parallel(self.cp_group, self.layout, backend=self.backend, timeout=self.timeout,
+                              check_finite=self.check_finite, train_step=self.train_step) as state:
             yield state
 
     def forward(self, model, batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | int):
@@ -199,7 +206,7 @@ class ContextParallel:
         pg = self.cp_group if group == "cp" else None
         t = torch.as_tensor(value, dtype=torch.float64).detach().to(collective_device(pg)).clone()
         if self.world_size > 1:
-            dist.all_reduce(t, group=pg)
+            collective(dist.all_reduce, t, pg, self.timeout, "hf_striped's loss sum for logging")
         return t.cpu()
 
     # -- outputs ------------------------------------------------------------------------------

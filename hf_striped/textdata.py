@@ -1,4 +1,5 @@
-"""Training text as a ``datasets.Dataset`` of fixed-length token rows.
+"""Training text as a ``datasets.Dataset`` of token rows: packed into fixed-length rows
+(:func:`pack`), or one document per row, cut at a maximum length (:func:`truncate`).
 
 Sources: local text / json / jsonl / parquet files (a text column, or an already tokenized
 ``input_ids`` column), or by default text files already on this machine: the Python sources of the
@@ -62,10 +63,8 @@ def _packed_rows(ds: datasets.Dataset, seq_len: int, eos_id: int | None):
         del buf[:n]
 
 
-def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text", eos_id: int | None = None) -> datasets.Dataset:
-    """Tokenize (unless ``input_ids`` is already there), join documents with EOS and cut the
-    stream into rows of exactly ``seq_len`` tokens (only the stream's final remainder, fewer than
-    ``seq_len`` tokens, is dropped)."""
+def _tokenized(ds: datasets.Dataset, tokenizer, text_column: str) -> datasets.Dataset:
+    """``ds`` with only an ``input_ids`` column, tokenizing ``text_column`` unless it has one."""
     if "input_ids" not in ds.column_names:
         if tokenizer is None:
             raise ValueError("the dataset has no input_ids column and the model folder has no tokenizer")
@@ -77,9 +76,26 @@ def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text
             remove_columns=ds.column_names,
             desc="tokenizing",
         )
-    else:
-        ds = ds.select_columns(["input_ids"])
+        return ds
+    return ds.select_columns(["input_ids"])
 
+
+def truncate(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text") -> datasets.Dataset:
+    """One row per document, cut to at most ``seq_len`` tokens; documents of fewer than 2 tokens
+    (nothing to predict) are dropped. Rows keep their own lengths: the collator pads each batch."""
+    ds = _tokenized(ds, tokenizer, text_column)
+    ds = ds.map(lambda b: {"input_ids": [ids[:seq_len] for ids in b["input_ids"]]}, batched=True, desc="truncating")
+    ds = ds.filter(lambda b: [len(ids) > 1 for ids in b["input_ids"]], batched=True, desc="dropping empty rows")
+    if len(ds) == 0:
+        raise ValueError("no document has 2 or more tokens: nothing to train on")
+    return ds
+
+
+def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text", eos_id: int | None = None) -> datasets.Dataset:
+    """Tokenize (unless ``input_ids`` is already there), join documents with EOS and cut the
+    stream into rows of exactly ``seq_len`` tokens (only the stream's final remainder, fewer than
+    ``seq_len`` tokens, is dropped)."""
+    ds = _tokenized(ds, tokenizer, text_column)
     total = sum(len(ids) + (eos_id is not None) for b in ds.iter(batch_size=1000) for ids in b["input_ids"])
     if total < seq_len:
         raise ValueError(f"the data holds {total} tokens, fewer than {seq_len}: use more text or a shorter --seq-len")

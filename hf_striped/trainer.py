@@ -41,6 +41,11 @@ class StripedTrainingArguments(TrainingArguments):
     cp_size: int = field(default=1, metadata={"help": "Processes per context-parallel group; must divide the world size."})
     cp_layout: str = field(default="striped", metadata={"help": "Token layout: striped, contiguous or zigzag."})
     cp_backend: str = field(default="auto", metadata={"help": "Block kernel (hf_striped.kernels.BACKENDS)."})
+    cp_timeout: float | None = field(default=None, metadata={
+        "help": "Seconds a rank waits for a ring peer before raising (default: HF_STRIPED_TIMEOUT, else 600). "
+                "ddp_timeout bounds the other collectives."})
+    cp_check_finite: bool | None = field(default=None, metadata={
+        "help": "Check every attention block for NaN/Inf (default: HF_STRIPED_CHECK_FINITE, else off)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,7 +64,10 @@ class StripedTrainer(Trainer):
         user_collator = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("data_collator")
         super().__init__(*args, **kwargs)
         a = self.args
-        self.cp = ContextParallel(getattr(a, "cp_size", 1), layout=getattr(a, "cp_layout", "striped"), backend=getattr(a, "cp_backend", "auto"))
+        self.cp = ContextParallel(
+            getattr(a, "cp_size", 1), layout=getattr(a, "cp_layout", "striped"), backend=getattr(a, "cp_backend", "auto"),
+            timeout=getattr(a, "cp_timeout", None), check_finite=getattr(a, "cp_check_finite", None),
+        )
         if self.cp.cp_size == 1:
             return
         config = self.model.config
@@ -101,6 +109,7 @@ class StripedTrainer(Trainer):
         if self.cp.cp_size == 1:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         inputs = self.cp.check_batch(inputs)
+        self.cp.train_step = self.state.global_step + 1  # named by the NaN/Inf guard
         with self.cp.context():
             return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 

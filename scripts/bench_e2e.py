@@ -44,10 +44,10 @@ class _WaitTimer:
 
         self.mod, self.orig, self.total = transport, transport._wait, 0.0
 
-        def timed_wait(ticket):
+        def timed_wait(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return self.orig(ticket)
+                return self.orig(*args, **kwargs)
             finally:
                 self.total += time.perf_counter() - t0
 

