@@ -235,7 +235,9 @@ def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, schedule
         )
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # neither reader takes "cpu:0"
     load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True, device=device)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    # onto the CPU first: load_state_dict moves each state to its parameter's device (a
+    # scalar `step` then stays on the CPU, as Adam wants it)
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     if scheduler is not None:
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     rng = path / _rng_file(accelerator.process_index)

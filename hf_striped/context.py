@@ -85,10 +85,14 @@ class ContextParallelState:
         # the all-reduce: a rank that raised alone would leave its peers waiting in it.
         pos = position_ids.reshape(-1, position_ids.shape[-1])
         wrong_shape = pos.shape[-1] != seq_local or pos.shape[0] not in (1, batch)
+        if not wrong_shape:
+            try:  # e.g. an odd number of tokens per rank, which the zigzag layout cannot hold
+                gidx = global_indices(self.layout, self.rank, self.world_size, seq_local * self.world_size, pos.device)
+            except ValueError:
+                wrong_shape = True
         if wrong_shape:
             summary = torch.zeros(5, dtype=torch.int64)
         else:
-            gidx = global_indices(self.layout, self.rank, self.world_size, seq_local * self.world_size, pos.device)
             offset = (pos.expand(batch, -1).long() - gidx).cpu()
             base = offset[:, 0]
             rows = torch.arange(1, batch + 1)

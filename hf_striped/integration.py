@@ -146,18 +146,27 @@ def striped_ring_attention_forward(
             return _eager_outside_context(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     config = getattr(module, "config", None)
-    _check_model_once(config)
-    _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
+    local_error = None
+    try:
+        _check_model_once(config)
+        _check_supported(module, query, key, attention_mask, dropout, kwargs, state.world_size)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        if state.world_size == 1:
+            raise
+        local_error = exc  # raised after the peers have heard of it (they would wait in the ring)
     query, key, value = _autocast_inputs(query, key, value)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     window = _window(module, kwargs, query.shape[2] * state.world_size)
+    name = _layer_name(module)
     # One all-reduce per forward checks positions and, riding along, that every rank calls the
-    # ring with the same shapes (later layers of the forward are then known to agree too).
+    # ring with the same shapes and accepted its inputs (later layers then agree too).
     state.check_positions(
         kwargs.get("position_ids"), query.shape[0], query.shape[2],
-        agree=peer_signature(q, k, v, state.layout, True, window),
-        on_disagree=lambda lo, hi: check_peer_spread(lo, hi, q, k, state.group, _layer_name(module)),
+        agree=peer_signature(q, k, v, state.layout, True, window, rejected=local_error is not None, rank=state.rank),
+        on_disagree=lambda lo, hi: check_peer_spread(lo, hi, q, k, state.group, name, local_error),
     )
+    if local_error is not None:
+        raise local_error
     if config is not None:  # longrope's factor choice must agree across ranks (patches/rope.py)
         _rope.check_forward(config, kwargs["position_ids"], layout=state.layout, rank=state.rank,
                             world_size=state.world_size, seq_local=query.shape[2])
@@ -175,7 +184,7 @@ def striped_ring_attention_forward(
         window=window,
         timeout=state.timeout,
         check_finite=state.check_finite,
-        name=_layer_name(module),
+        name=name,
         train_step=state.train_step,
         check_peers=False,
     )

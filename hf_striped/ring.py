@@ -93,10 +93,10 @@ class _Opts:
     """Per-call settings that are not tensors: ``timeout`` seconds per ring wait, the finite
     ``guard`` (or ``None``) and the ``name`` used in error messages."""
 
-    __slots__ = ("timeout", "guard", "name", "check_peers")
+    __slots__ = ("timeout", "guard", "name")
 
-    def __init__(self, timeout: float, guard: FiniteGuard | None, name: str | None, check_peers: bool = True):
-        self.timeout, self.guard, self.name, self.check_peers = timeout, guard, name, check_peers
+    def __init__(self, timeout: float, guard: FiniteGuard | None, name: str | None):
+        self.timeout, self.guard, self.name = timeout, guard, name
 
 
 def _run(gen, group, opts: _Opts, phase: str):
@@ -109,20 +109,35 @@ _DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torc
 
 
 _SIGNATURE = ("batch", "tokens per rank", "query heads", "key/value heads", "head_dim", "value head_dim", "dtype",
-              "layout", "causal", "window")
+              "layout", "causal", "window", "rejected", "rejecting rank")
 
 
-def peer_signature(q, k, v, layout: str, causal: bool, window: int | None) -> torch.Tensor:
+def peer_signature(q, k, v, layout: str, causal: bool, window: int | None, rejected: bool = False,
+                   rank: int = 0) -> torch.Tensor:
     """What every rank of a CP group must agree on for its ring messages to match, as int64
-    (fields :data:`_SIGNATURE`; q/k/v ``[b, c, h, d]``)."""
-    values = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES.get(q.dtype, 99),
-              ("striped", "contiguous", "zigzag").index(layout), int(causal), window or 0)
+    (fields :data:`_SIGNATURE`; q/k/v ``[b, c, h, d]``). ``rejected``: this rank's own checks
+    refused its inputs (then only that, and ``rank``, are filled in)."""
+    if rejected:
+        values = [0] * (len(_SIGNATURE) - 2) + [1, rank + 1]
+    else:
+        values = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES.get(q.dtype, 99),
+                  ("striped", "contiguous", "zigzag").index(layout), int(causal), window or 0, 0, 0]
     return torch.tensor(values, dtype=torch.int64)
 
 
-def check_peer_spread(lo: torch.Tensor, hi: torch.Tensor, q, k, group, name: str | None) -> None:
-    """Raise if the group-wide min ``lo`` and max ``hi`` of :func:`peer_signature` differ.
-    Every rank sees the same ``lo``/``hi``, so every rank raises together."""
+def check_peer_spread(lo: torch.Tensor, hi: torch.Tensor, q, k, group, name: str | None,
+                      local_error: BaseException | None = None) -> None:
+    """Raise if the group-wide min ``lo`` and max ``hi`` of :func:`peer_signature` differ, or
+    if some rank rejected its inputs (``local_error`` is this rank's own rejection). Every rank
+    sees the same ``lo``/``hi``, so every rank raises together."""
+    where = f"hf_striped ring attention{f' ({name})' if name else ''}"
+    if local_error is not None:
+        raise local_error
+    if int(hi[-2]):
+        raise ValueError(
+            f"{where}: CP rank {int(hi[-1]) - 1} of the group rejected its inputs (its error says why and how to fix "
+            "them), so this rank stops too instead of waiting for it in the ring"
+        )
     differ = [f"{f} ranges {int(a)}..{int(b)}" for f, a, b in zip(_SIGNATURE, lo, hi) if a != b]
     if not differ:
         return
@@ -131,7 +146,7 @@ def check_peer_spread(lo: torch.Tensor, hi: torch.Tensor, q, k, group, name: str
     differ = [d if not d.startswith("dtype") else
               f"dtype differs ({', '.join(str(dtypes.get(int(c), 'other')) for c in (lo[i], hi[i]))})" for d in differ]
     raise ValueError(
-        f"hf_striped ring attention{f' ({name})' if name else ''}: the ranks of the CP group called it with different "
+        f"{where}: the ranks of the CP group called it with different "
         f"inputs ({'; '.join(differ)}; this is CP rank {dist.get_rank(group)}: batch {q.shape[0]}, {q.shape[1]} tokens, "
         f"{q.shape[2]}/{k.shape[2]} heads, head_dim {q.shape[3]}, {q.dtype}). Every rank must hold its shard of the "
         "same global batch: shard it with hf_striped.shard (or the StripingCollator) with the same layout on every "
@@ -139,17 +154,20 @@ def check_peer_spread(lo: torch.Tensor, hi: torch.Tensor, q, k, group, name: str
     )
 
 
-def _check_peers(q, k, v, group, layout, causal, window, opts: _Opts) -> None:
+def _check_peers(q, k, v, group, layout, causal, window, timeout: float, name: str | None,
+                 local_error: BaseException | None) -> None:
     """Every rank of ``group`` must call the ring with the same shapes and settings, or the
-    messages it exchanges would not match (a hang, or garbage). One all-reduce of a few integers
-    (max of x and of -x) compares them, so every rank reaches the same verdict."""
-    x = peer_signature(q, k, v, layout, causal, window)
+    messages it exchanges would not match (a hang, or garbage); and a rank whose own checks
+    refused its inputs must not leave its peers waiting in the ring. One all-reduce of a few
+    integers (max of x and of -x) compares them, so every rank reaches the same verdict."""
+    rank = dist.get_rank(group)
+    x = peer_signature(q, k, v, layout, causal, window, rejected=local_error is not None, rank=rank)
     both = torch.cat([x, -x]).to(collective_device(group))
-    collective(dist.all_reduce, both, group, opts.timeout,
-               f"hf_striped ring attention{f' ({opts.name})' if opts.name else ''}: the shape agreement check",
+    collective(dist.all_reduce, both, group, timeout,
+               f"hf_striped ring attention{f' ({name})' if name else ''}: the shape agreement check",
                op=dist.ReduceOp.MAX)
     both = both.cpu()
-    check_peer_spread(-both[len(x):], both[: len(x)], q, k, group, opts.name)
+    check_peer_spread(-both[len(x):], both[: len(x)], q, k, group, name, local_error)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -158,8 +176,6 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, group, layout, causal, scale, kernel, window, opts: _Opts):
         rank, world = group_rank_size(group)
-        if world > 1 and opts.check_peers:
-            _check_peers(q, k, v, group, layout, causal, window, opts)
         if opts.guard is not None:
             opts.guard.inputs("forward", q=q, k=k, v=v)
         q, k, v = _last_dim_contiguous(q), k.contiguous(), v.contiguous()
@@ -168,6 +184,8 @@ class _RingAttention(torch.autograd.Function):
             window=window, guard=opts.guard,
         )
         out_acc, lse = _run(gen, group, opts, "forward")
+        if opts.guard is not None:
+            opts.guard.settle("forward", group, opts.timeout)
         if sinks is not None:
             # Backward with the sink-inclusive (out, lse) gives exact dq/dk/dv: every block's
             # probabilities exp(s - lse') are then the sink-inclusive softmax.
@@ -192,6 +210,8 @@ class _RingAttention(torch.autograd.Function):
             guard=opts.guard,
         )
         dq, dk, dv = _run(gen, group, opts, "backward")
+        if opts.guard is not None:
+            opts.guard.settle("backward", group, opts.timeout)
         dsinks = _sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
         return dq, dk, dv, dsinks, None, None, None, None, None, None, None
 
@@ -213,6 +233,8 @@ class _InProcessRingAttention(torch.autograd.Function):
             for r in range(world)
         ]
         results = run_inprocess(gens, stats)
+        for guard in guards:
+            guard.raise_if_found()
         outs = [o.to(q.dtype) for (o, _), q in zip(results, qs)]
         lses = [lse for _, lse in results]
         saved_outs = [_out_for_backward(kernel, o, out) for (o, _), out in zip(results, outs)]
@@ -239,6 +261,8 @@ class _InProcessRingAttention(torch.autograd.Function):
             for r in range(world)
         ]
         results = run_inprocess(gens, stats)
+        for guard in guards:
+            guard.raise_if_found()
         dqs = [g[0] for g in results]
         dks = [g[1] for g in results]
         dvs = [g[2] for g in results]
@@ -328,14 +352,22 @@ def ring_attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` that also returns the float32 log-sum-exp ``[batch, heads, seq_local]``
     of every local query row (not differentiable; it includes the sinks when given)."""
-    scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend, softcap)
-    _check_sinks(sinks, q)
-    _check_window(window, causal, kernel)
-    guard = None
-    if resolve_check_finite(check_finite):
-        rank, world = group_rank_size(group)
-        guard = FiniteGuard(rank=rank, world_size=world, name=name, train_step=train_step)
-    opts = _Opts(resolve_timeout(timeout), guard, name, check_peers)
+    rank, world = group_rank_size(group)
+    timeout = resolve_timeout(timeout)
+    local_error = None
+    try:
+        scale, kernel = _prepare(q, k, v, layout, softmax_scale, backend, softcap)
+        _check_sinks(sinks, q)
+        _check_window(window, causal, kernel)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        if world == 1 or not check_peers:
+            raise
+        local_error = exc  # raised below, after telling the peers (who would wait in the ring)
+    if world > 1 and check_peers:
+        _check_peers(q, k, v, group, layout, causal, window, timeout, name, local_error)
+    guard = FiniteGuard(rank=rank, world_size=world, name=name, train_step=train_step) \
+        if resolve_check_finite(check_finite) else None
+    opts = _Opts(timeout, guard, name)
     return _RingAttention.apply(q, k, v, sinks, group, layout, causal, scale, kernel, window, opts)
 
 

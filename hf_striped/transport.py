@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .guards import resolve_timeout, wait_all
+from .guards import host_deadline, resolve_timeout, wait_all
 
 
 @dataclass
@@ -72,6 +72,7 @@ def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float | None =
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     send_to = dist.get_global_rank(group, (rank + 1) % world)
     recv_from = dist.get_global_rank(group, (rank - 1) % world)
+    bounded = host_deadline(group)
     where = f"hf_striped ring attention{f' ({name})' if name else ''}, CP rank {rank} of {world} (global rank {dist.get_rank()})"
     value = None
     while True:
@@ -85,7 +86,7 @@ def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float | None =
             value = _Ticket(*_post(msg.tensors, send_to, recv_from, group), msg.what, msg.step)
         else:
             value = _wait(msg.ticket, timeout, where, phase, world, rank, (rank + 1) % world, (rank - 1) % world,
-                          send_to, recv_from)
+                          send_to, recv_from, bounded)
         msg = None
 
 
@@ -106,7 +107,7 @@ def _post(tensors, send_to, recv_from, group):
     return dist.batch_isend_irecv(ops), bufs, len(tensors)
 
 
-def _wait(ticket: _Ticket, timeout, where, phase, world, rank, next_cp, prev_cp, send_to, recv_from):
+def _wait(ticket: _Ticket, timeout, where, phase, world, rank, next_cp, prev_cp, send_to, recv_from, bounded=True):
     works, n = ticket.works, ticket.n_send
     step = "" if ticket.step is None else f" step {ticket.step + 1} of {world}"  # 1-based for people
 
@@ -118,11 +119,12 @@ def _wait(ticket: _Ticket, timeout, where, phase, world, rank, next_cp, prev_cp,
             return f"{where}, {phase}{step}: sending {ticket.what} to CP rank {next_cp} (global rank {send_to})"
         return f"{where}, {phase}{step}: receiving {ticket.what} from CP rank {prev_cp} (global rank {recv_from})"
 
-    peers = [send_to] * n + [recv_from] * n if len(works) == 2 * n else [None] * len(works)
+    # (a coalescing backend's single work: name the peer we receive from, the one a hang waits on)
+    peers = [send_to] * n + [recv_from] * n if len(works) == 2 * n else [recv_from] * len(works)
     # Receives first: a dead or stuck peer shows up as the message that never came.
     order = list(range(n, len(works))) + list(range(min(n, len(works)))) if len(works) == 2 * n else list(range(len(works)))
     wait_all([works[i] for i in order], time.monotonic() + timeout, lambda j: describe(order[j]), timeout,
-             phase=phase, step=ticket.step, rank=rank, peers=[peers[i] for i in order])
+             phase=phase, step=ticket.step, rank=rank, peers=[peers[i] for i in order], bounded=bounded)
     return ticket.bufs
 
 

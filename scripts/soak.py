@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of the training run")
     p.add_argument("--save-every", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=128, help="longest row (rows have random lengths 2..seq-len)")
-    p.add_argument("--timeout", type=float, default=10.0, help="train.py --timeout: how long a rank waits for a peer")
+    p.add_argument("--timeout", type=float, default=10.0, help="train.py --timeout and --pg-timeout: how long a rank waits for a peer")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the model, training and the fault schedule")
     p.add_argument("--max-minutes", type=float, default=20.0, help="stop injecting faults after this long")
     args = p.parse_args(argv)
@@ -89,8 +89,8 @@ class Launch:
         port = _free_port()
         cmd = [sys.executable, str(TRAIN), "--model", str(model_dir), "--data", str(data), "--no-pack",
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--save-every", str(args.save_every),
-               "--keep-checkpoints", "2", "--output-dir", str(out), "--cp-size", "2", "--seed", str(args.seed),
-               "--timeout", str(args.timeout), "--check-finite", "--no-progress", "--resume", "auto"]
+               "--keep-checkpoints", "2", "--batch-size", "2", "--grad-accum", "2", "--output-dir", str(out), "--cp-size", "2", "--seed", str(args.seed),
+               "--timeout", str(args.timeout), "--pg-timeout", str(args.timeout), "--check-finite", "--no-progress", "--resume", "auto"]
         self.logs = [logs / f"launch{idx:03d}-rank{r}.log" for r in range(2)]
         self.procs = []
         for r in range(2):
@@ -150,6 +150,9 @@ def run_clean(args, model_dir, data, out: Path, logs: Path, idx: int) -> Launch:
     return launch
 
 
+_STARTUP_S = [4.0]  # seconds from launch to the first step (lowered as launches are timed)
+
+
 def _newest_complete(out: Path) -> int:
     """Step of the newest complete checkpoint (0 if none): where the next launch resumes."""
     ckpt = out / "checkpoints"
@@ -166,13 +169,16 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
     over before it is seen, the fault lands just after it: recorded as "training")."""
     start = _newest_complete(launch.out)
     kind, moment = rng.choice(KINDS), rng.choices(MOMENTS, weights=(1, 2, 2))[0]
-    saves = [s for s in range(start + 1, args.steps) if s % args.save_every == 0]
+    last = args.steps - 3  # leave room: a fault aimed at the very end could come after the run finished
+    saves = [s for s in range(start + 1, last + 1) if s % args.save_every == 0]
     if moment == "saving" and not saves:
         moment = "training"
-    if moment == "training" and start + 1 > args.steps - 1:
+    if moment == "training" and start + 1 > last:
         moment = "start-up"
-    delay = rng.uniform(0.5, 6.0) if moment == "start-up" else rng.uniform(0.0, 0.3)
-    target = rng.choice(saves) if moment == "saving" else rng.randint(start + 1, args.steps - 1) if moment == "training" else 0
+    # start-up: before the first step (imports, the process group, data, the resume); training:
+    # within the step after the target one (a step takes a few tens of ms here)
+    delay = rng.uniform(0.3, 0.9) * _STARTUP_S[0] if moment == "start-up" else rng.uniform(0.0, 0.05)
+    target = rng.choice(saves) if moment == "saving" else rng.randint(start + 1, last) if moment == "training" else 0
     reached = None
     while True:  # find the moment
         if not all(launch.alive()):
@@ -186,12 +192,14 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
         elif reached is None:
             if launch.last_step() >= target:  # rank 0 logs a step, then saves its checkpoint
                 reached = time.monotonic()
+                if target == start + 1:  # the first step of this launch: how long start-up takes
+                    _STARTUP_S[0] = min(_STARTUP_S[0], reached - launch.started)
         elif moment == "training":
             if time.monotonic() - reached >= delay:
                 break
         elif _saving(launch.out):  # (leftovers of killed saves were removed at start-up)
             break
-        elif time.monotonic() - reached > 3:
+        elif time.monotonic() - reached > 0.5:
             moment = "training"  # the save was over before it was seen: a fault just after it
             break
         time.sleep(0.0005 if reached is not None and moment == "saving" else 0.01)
@@ -201,7 +209,7 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
     t0 = time.monotonic()
     for r in victims:
         launch.kill(r, sig)
-    during_save = _saving(launch.out)
+    during_save = moment != "start-up" and _saving(launch.out)  # (at start-up: a killed save's leftovers)
     survivors = [r for r in (0, 1) if r not in victims]
     limit = args.timeout + 60  # the timeout, plus start-up (imports) on two busy cores
     exit_s, codes, error = None, [], ""
@@ -222,6 +230,12 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
 
 def _losses(out: Path) -> list[float]:
     return json.loads((out / "final" / "training_log.json").read_text())["losses"]
+
+
+def _rng_states(out: Path) -> dict[int, str]:
+    """Step -> fingerprint of rank 0's torch RNG state after it (train.py's log.jsonl)."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["rng"] for r in rows}
 
 
 def _resumed_from(launch: Launch) -> int | None:
@@ -284,11 +298,25 @@ def main(argv=None) -> int:
     idx = 1
     bar = tqdm(total=args.faults, desc="faults", unit="fault", dynamic_ncols=True)
     while len(faults) < args.faults and time.monotonic() - t_start < args.max_minutes * 60:
+        expected = _newest_complete(out)  # where this launch must resume
         launch = Launch(idx, args, model_dir, data, out, logs)
         record = inject(launch, rng, args)
         resumed = _resumed_from(launch)
         if resumed is not None:
             resumes.append(resumed)
+        if (resumed or 0) != expected and (resumed is not None or launch.last_step() > 0):
+            bar.close()
+            print(f"[soak] FAIL: launch {launch.idx} resumed from step {resumed or 0}, but the newest complete "
+                  f"checkpoint was step {expected}; see {launch.logs[0]}", flush=True)
+            _write(work, args, faults, reference, None, resumes, ok=False)
+            return 1
+        if record is not None and record["survivor_exit_s"] is not None and (
+                0 in record["survivor_exit_codes"] or not record["survivor_error"]):
+            bar.close()
+            print(f"[soak] FAIL: after '{record['fault']}' a surviving rank exited with {record['survivor_exit_codes']} "
+                  f"and error {record['survivor_error']!r}: it must fail, saying why; see {logs}", flush=True)
+            _write(work, args, faults, reference, None, resumes, ok=False)
+            return 1
         timeline.append((time.monotonic() - t_start, launch.last_step()))
         idx += 1
         if record is None:  # the run finished before the fault came
@@ -313,7 +341,12 @@ def main(argv=None) -> int:
             resumes.append(resumed)
         timeline.append((time.monotonic() - t_start, args.steps))
     soak = _losses(out)
-    ok = soak == reference
+    rng_ref, rng_soak = _rng_states(work / "uninterrupted"), _rng_states(out)
+    rng_ok = rng_soak == rng_ref and len(rng_ref) == args.steps
+    if not rng_ok:
+        bad = [s for s in range(1, args.steps + 1) if rng_ref.get(s) != rng_soak.get(s)]
+        print(f"[soak] FAIL: the torch RNG state after steps {bad[:10]} differs from the uninterrupted run's", flush=True)
+    ok = soak == reference and rng_ok
     plot(work / "soak.png", timeline, faults, fault_times)
     _write(work, args, faults, reference, soak, resumes, ok=ok)
     survived = [f["survivor_exit_s"] for f in faults if f["survivor_exit_s"] is not None]
@@ -324,7 +357,8 @@ def main(argv=None) -> int:
         print(f"[soak] surviving ranks exited by themselves {min(survived):.1f}..{max(survived):.1f} s after the "
               f"fault (timeout {args.timeout:g} s)", flush=True)
     if ok:
-        print(f"[soak] OK: the interrupted run's {len(soak)} losses equal the uninterrupted run's bit for bit", flush=True)
+        print(f"[soak] OK: the interrupted run's {len(soak)} losses and RNG states equal the uninterrupted run's bit "
+              "for bit", flush=True)
         return 0
     diff = next(i for i, (a, b) in enumerate(zip(soak, reference)) if a != b) if len(soak) == len(reference) else None
     print(f"[soak] FAIL: loss trajectories differ (first at step {None if diff is None else diff + 1}; lengths "

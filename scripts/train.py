@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -58,13 +59,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds a rank waits for a peer (ring messages, collectives, barriers) before failing with an error "
                         "naming the step and peer; default: HF_STRIPED_TIMEOUT, else 600")
+    p.add_argument("--pg-timeout", type=float, default=1800.0,
+                   help="seconds the process group's own collectives may wait (gradient all-reduce, and the barriers while "
+                        "rank 0 converts the model, tokenizes or writes a checkpoint): longer than any of those take")
     p.add_argument("--check-finite", action="store_true", help="check every attention block for NaN/Inf and name the layer, rank and step of the first (costs a pass over each block)")
     args = p.parse_args(argv)
     for name in ("seq_len", "cp_size", "steps", "batch_size", "grad_accum", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.timeout is not None and not 0 < args.timeout < float("inf"):
-        p.error("--timeout must be a positive number of seconds")
+    for name in ("timeout", "pg_timeout"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < float("inf"):
+            p.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
     return args
 
 
@@ -134,8 +140,8 @@ def main(argv=None) -> int:
     timeout = resolve_timeout(args.timeout)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.precision == "bf16" else "no",
-        # the same deadline for the process group's own collectives (gradient all-reduce, barriers)
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))],
+        # a deadline for the process group's own collectives (gradient all-reduce, barriers)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.pg_timeout))],
     )
     main_proc = accelerator.is_main_process
     if not main_proc:  # one progress display: rank 0's
@@ -204,7 +210,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"only {len(dataset)} packed sequences for {cp.dp_size} replica(s) x batch {args.batch_size}: add data or shorten --seq-len")
 
     collate = cp.collator(pad_token_id=pad or 0, max_length=max_pos, pad_ragged=args.no_pack)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate)
+    # Its own generator: starting an iterator then draws its base seed from that, not from the global
+    # torch RNG, so a run resumed mid-epoch continues the global RNG exactly (dropout, sampling).
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(args.seed))
     loader = cp.prepare_dataloader(loader, device=accelerator.device, seed=args.seed)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -259,7 +268,9 @@ def main(argv=None) -> int:
             rows = [r for r in log_path.read_text().splitlines() if r.strip()]
             kept = [r for r in rows if _json_step(r) <= state["step"]]
             if len(kept) != len(rows):
-                log_path.write_text("".join(r + "\n" for r in kept))
+                tmp_log = log_path.with_name(log_path.name + ".tmp")
+                tmp_log.write_text("".join(r + "\n" for r in kept))
+                os.replace(tmp_log, log_path)  # a kill here leaves the old log, never half of it
     model.train()
     while state["step"] < args.steps:
         t0 = time.perf_counter()
@@ -289,7 +300,9 @@ def main(argv=None) -> int:
         step_tokens = int(n_items) if args.no_pack else per_step * args.seq_len
         state["tokens"] += step_tokens
         mem = peak_memory_gib(accelerator.device)
-        record = dict(step=state["step"], loss=loss_value, lr=scheduler.get_last_lr()[0], tokens_per_s=step_tokens / dt, seconds=dt, peak_mem_gib_rank0=mem)
+        # a fingerprint of this rank's torch RNG state: a resumed run must continue it exactly
+        rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        record = dict(step=state["step"], loss=loss_value, rng=rng, lr=scheduler.get_last_lr()[0], tokens_per_s=step_tokens / dt, seconds=dt, peak_mem_gib_rank0=mem)
         if main_proc:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

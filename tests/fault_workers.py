@@ -71,7 +71,9 @@ def mismatched_qkv(rank: int, world: int, field: str):
     from hf_striped import ring_attention
 
     shape = dict(batch=2, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32)
-    if rank == 1:
+    if rank == 1 and field == "kv_heads_not_dividing":  # refused by rank 1's own checks
+        shape["kv_heads"] = 3
+    elif rank == 1:
         shape[field] = torch.float64 if field == "dtype" else shape[field] * 2
     q = torch.randn(shape["batch"], 32, shape["heads"], shape["head_dim"], dtype=shape["dtype"])
     kv = torch.randn(shape["batch"], 32, shape["kv_heads"], shape["head_dim"], dtype=shape["dtype"])
@@ -109,6 +111,7 @@ def _poison(phase: str, step: int, layer: int) -> None:
         return original(*args, **kwargs)
 
     setattr(schedule, name, hooked)
+    return lambda: setattr(schedule, name, original)
 
 
 def nan_in_block(rank: int, world: int, model_dir: str, phase: str, victim: int, step: int, layer: int):
@@ -128,8 +131,7 @@ def nan_in_block(rank: int, world: int, model_dir: str, phase: str, victim: int,
     group = dist.group.WORLD
     local = hf_striped.shard(ids, dim=1, group=group)
     local_pos = hf_striped.shard(pos, dim=1, group=group)
-    if rank == victim:
-        _poison(phase, step, layer)
+    undo = _poison(phase, step, layer) if rank == victim else (lambda: None)
     t0 = time.monotonic()
     try:
         with hf_striped.context_parallel(group, check_finite=True, train_step=7, timeout=5):
@@ -138,6 +140,8 @@ def nan_in_block(rank: int, world: int, model_dir: str, phase: str, victim: int,
     except Exception as exc:  # noqa: BLE001
         return dict(raised=type(exc).__name__, message=str(exc), seconds=time.monotonic() - t0,
                     **{k: getattr(exc, k, None) for k in ("rank", "step", "train_step", "where")})
+    finally:
+        undo()  # the pool's processes run later tests
     return dict(raised=None, seconds=time.monotonic() - t0)
 
 
@@ -158,9 +162,14 @@ def model_mismatch(rank: int, world: int, model_dir: str, other_dir: str, what: 
     local, local_pos = hf_striped.shard(ids, dim=1, group=group), hf_striped.shard(pos, dim=1, group=group)
     if rank == 1 and what == "positions":  # sharded with another layout than the context's
         local_pos = hf_striped.shard(pos, dim=1, group=group, layout="contiguous")
+    if rank == 1 and what == "dropout":  # refused by rank 1's own checks, before any collective
+        model.config.attention_dropout = 0.1
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+    model.train(what == "dropout")
     t0 = time.monotonic()
     try:
-        with torch.no_grad(), hf_striped.context_parallel(group, timeout=60):
+        with torch.set_grad_enabled(what == "dropout"), hf_striped.context_parallel(group, timeout=60):
             model(input_ids=local, position_ids=local_pos, use_cache=False)
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc), time.monotonic() - t0

@@ -3,8 +3,9 @@
 * q/k/v that differ between the ranks of a CP group (batch, heads, head_dim, dtype) raise the
   same ValueError on every rank, at once, instead of a hang or garbage;
 * the optional NaN/Inf guard (on in every test via conftest) names the layer, rank, ring step and
-  training step where a non-finite value first appeared, forward and backward; non-finite inputs
-  are reported as upstream; with the guard off nothing is checked;
+  training step where a non-finite value first appeared, forward and backward, on every rank of
+  the group at once; non-finite inputs are reported as upstream; with the guard off nothing is
+  checked;
 * rows that see no key (in a block, or in a whole band of a sliding window) give zeros and a
   log-sum-exp of -inf, never NaN, forward and backward.
 """
@@ -21,12 +22,17 @@ from hf_striped.kernels import KERNELS
 from hf_striped.layout import shard_local
 
 
-@pytest.mark.parametrize("field", ["batch", "heads", "kv_heads", "head_dim", "dtype"])
+@pytest.mark.parametrize("field", ["batch", "heads", "kv_heads", "head_dim", "dtype", "kv_heads_not_dividing"])
 def test_qkv_that_differ_across_ranks_raise_on_every_rank(dist_pool, field):
     res = dist_pool(2).run(fault_workers.mismatched_qkv, field)
     for rank, (raised, msg, seconds) in enumerate(res):
         print(f"rank {rank}: {raised} after {seconds:.3f} s: {msg[:200]}")
         assert raised == "ValueError", (rank, raised, msg)
+        assert seconds < 10  # an immediate verdict, not a timeout
+        if field == "kv_heads_not_dividing":  # rank 1's own check refuses; rank 0 hears of it
+            assert ("must be a multiple of key/value heads" in msg) if rank == 1 else \
+                ("CP rank 1 of the group rejected its inputs" in msg), msg
+            continue
         assert "the ranks of the CP group called it with different inputs" in msg
         label = {"batch": "batch", "heads": "query heads", "kv_heads": "key/value heads", "head_dim": "head_dim",
                  "dtype": "dtype differs"}[field]
@@ -37,11 +43,7 @@ def test_qkv_that_differ_across_ranks_raise_on_every_rank(dist_pool, field):
 
 @pytest.mark.parametrize("phase,victim,step,layer", [("forward", 1, 1, 1), ("backward", 0, 0, 0)])
 def test_nan_in_a_block_names_layer_rank_and_step(dist_pool, tiny_llama_dir, phase, victim, step, layer):
-    pool = dist_pool(2)
-    try:
-        res = pool.run(fault_workers.nan_in_block, str(tiny_llama_dir), phase, victim, step, layer)
-    finally:
-        pool.close()  # the peer's timed-out connections are gone: later tests get a fresh group
+    res = dist_pool(2).run(fault_workers.nan_in_block, str(tiny_llama_dir), phase, victim, step, layer)
     for r, rep in enumerate(res):
         print(f"rank {r}: {rep}")
     bad = res[victim]
@@ -52,10 +54,12 @@ def test_nan_in_a_block_names_layer_rank_and_step(dist_pool, tiny_llama_dir, pha
     assert f"LlamaAttention of layer {layer}, CP rank {victim} of 2 (global rank {victim}), {phase} ring step {step + 1} of 2" in msg
     assert "training step 7" in msg
     assert "backend='reference'" in msg  # what to try
-    # Its peer does not hang: it fails within the context's 5 s timeout, or finishes its part.
+    # Its peer raises too, at the same point, naming the victim: nobody waits for a timeout.
     peer = res[1 - victim]
-    assert peer["raised"] in (None, "RingCommError"), peer
-    assert peer["seconds"] < 5 * 2 + 10
+    assert peer["raised"] == "NonFiniteError" and peer["rank"] == victim and peer["step"] == step, peer
+    assert f"a NaN/Inf was found at LlamaAttention of layer {layer}, CP rank {victim} of 2, {phase} ring step {step + 1}" \
+        in peer["message"]
+    assert peer["seconds"] < 5  # the context's timeout: the verdict came from the check, not from a timeout
 
 
 def test_non_finite_inputs_are_reported_as_upstream():
@@ -82,6 +86,9 @@ def test_guard_is_off_unless_asked(monkeypatch):
     with pytest.raises(NonFiniteError):
         hf_striped.ring_attention(q, q, q)
     assert resolve_check_finite(False) is False
+    monkeypatch.setenv("HF_STRIPED_CHECK_FINITE", "enabled")
+    with pytest.raises(ValueError, match="set it to 1 \\(on\\) or 0 \\(off\\)"):
+        resolve_check_finite(None)
 
 
 def test_timeout_setting(monkeypatch):
@@ -143,7 +150,7 @@ def test_ring_with_blocks_of_unseen_rows_stays_finite(layout):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-@pytest.mark.parametrize("what", ["model", "positions"])
+@pytest.mark.parametrize("what", ["model", "positions", "dropout"])
 def test_ranks_with_different_models_or_positions_all_raise(dist_pool, tiny_llama_dir, tmp_path, what):
     """Inside a model the agreement check rides on the once-per-forward position all-reduce:
     a rank that loaded another config, or passed positions sharded with another layout, makes
@@ -154,7 +161,14 @@ def test_ranks_with_different_models_or_positions_all_raise(dist_pool, tiny_llam
     res = dist_pool(2).run(fault_workers.model_mismatch, str(tiny_llama_dir), str(other), what)
     for rank, (raised, msg, seconds) in enumerate(res):
         print(f"rank {rank}: {raised} after {seconds:.3f} s: {msg[:300]}")
-        assert raised == "ValueError" and seconds < 10, (rank, raised, msg)
+        assert seconds < 10, (rank, raised, msg)
+        if what == "dropout":  # rank 1 refuses dropout; rank 0 stops with it instead of waiting
+            if rank == 1:
+                assert raised == "NotImplementedError" and "attention dropout" in msg, msg
+            else:
+                assert raised == "ValueError" and "CP rank 1 of the group rejected its inputs" in msg, msg
+            continue
+        assert raised == "ValueError", (rank, raised, msg)
         if what == "model":
             assert "LlamaAttention of layer 0" in msg and "key/value heads ranges 2..4" in msg
         else:
