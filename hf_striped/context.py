@@ -93,12 +93,13 @@ class ContextParallelState:
         if wrong_shape:
             summary = torch.zeros(5, dtype=torch.int64)
         else:
-            offset = (pos.expand(batch, -1).long() - gidx).cpu()
+            offset = pos.expand(batch, -1).long() - gidx
             base = offset[:, 0]
-            rows = torch.arange(1, batch + 1)
-            # Bases must match row for row on every rank: compare checksums of them.
+            rows = torch.arange(1, batch + 1, device=base.device)
+            # Bases must match row for row on every rank: compare checksums of them (computed
+            # where the positions live; only these five numbers travel).
             summary = torch.stack([(offset != base[:, None]).any().long(), (base * rows).sum(), (base * base).sum(),
-                                   base.max(), base.min()])
+                                   base.max(), base.min()]).cpu()
         extra = torch.zeros(0, dtype=torch.int64) if agree is None else agree.to(torch.int64).cpu()
         x = torch.cat([extra, torch.tensor([int(wrong_shape)]), summary])
         verdict = torch.cat([x, -x])

@@ -169,7 +169,9 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
     over before it is seen, the fault lands just after it: recorded as "training")."""
     start = _newest_complete(launch.out)
     kind, moment = rng.choice(KINDS), rng.choices(MOMENTS, weights=(1, 2, 2))[0]
-    last = args.steps - 3  # leave room: a fault aimed at the very end could come after the run finished
+    # Aim within the next few checkpoints (so the faults spread over the whole run), and not at
+    # the very end (a fault aimed there could come after the run finished).
+    last = min(args.steps - 3, start + 3 * args.save_every)
     saves = [s for s in range(start + 1, last + 1) if s % args.save_every == 0]
     if moment == "saving" and not saves:
         moment = "training"
@@ -254,7 +256,7 @@ def plot(path: Path, timeline: list[tuple[float, int]], faults: list[dict], faul
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if timeline:
         t, s = zip(*timeline)
-        ax.plot(t, s, "o-", ms=3, label="last step reached before each fault")
+        ax.plot(t, s, "o-", ms=3, label="step the run had reached at each fault")
     colours = {"kill": "tab:red", "stall": "tab:orange"}
     for f, t in zip(faults, fault_times):
         ax.axvline(t, color=colours[f["fault"].split()[0]], alpha=0.5, lw=1)
@@ -317,7 +319,7 @@ def main(argv=None) -> int:
                   f"and error {record['survivor_error']!r}: it must fail, saying why; see {logs}", flush=True)
             _write(work, args, faults, reference, None, resumes, ok=False)
             return 1
-        timeline.append((time.monotonic() - t_start, launch.last_step()))
+        timeline.append((time.monotonic() - t_start, max(launch.last_step(), expected)))
         idx += 1
         if record is None:  # the run finished before the fault came
             break

@@ -147,7 +147,8 @@ def ring_memory(rank, world, case, layout):
     for t in (ql, kl, vl):
         t.requires_grad_()
     with _CommSpy() as spy, LiveBytes() as mem:
-        out = hf_striped.ring_attention(ql, kl, vl, group=group, layout=layout)
+        # the production default: no NaN/Inf guard (the rest of the suite runs with it on)
+        out = hf_striped.ring_attention(ql, kl, vl, group=group, layout=layout, check_finite=False)
         out.backward(dl)
         del out
     return dict(

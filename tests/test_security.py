@@ -22,15 +22,33 @@ SOURCES = ("hf_striped", "kernels", "patches", "scripts")
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
+def _dotted(node, aliases: dict[str, str]) -> str | None:
+    """``a.b.c`` of a Name/Attribute chain, with import aliases resolved (``th`` -> ``torch``)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(aliases.get(node.id, node.id))
+    return ".".join(reversed(parts))
+
+
 def problems(source: str) -> list[str]:
     """What a source file does that SECURITY.md promises our code never does."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    aliases = {}  # local name -> module it stands for ("th" -> "torch")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname})
+    for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             found += [f"line {node.lineno}: imports {m}" for m in mods if m.split(".")[0] in UNSAFE_MODULES]
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
-                found.append(f"line {node.lineno}: from torch import load (calls can't be checked)")
+            if isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization") and any(
+                    a.name == "load" for a in node.names):
+                found.append(f"line {node.lineno}: from {node.module} import load (calls can't be checked)")
         if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
             if not (isinstance(node.value, ast.Constant) and node.value.value is False):
                 found.append(f"line {node.value.lineno}: trust_remote_code not False")
@@ -40,8 +58,8 @@ def problems(source: str) -> list[str]:
         if isinstance(f, ast.Name) and f.id in ("eval", "exec", "__import__"):
             found.append(f"line {node.lineno}: {f.id}()")
         if isinstance(f, ast.Attribute):
-            owner = f.value.id if isinstance(f.value, ast.Name) else None
-            if f.attr == "load" and owner == "torch":
+            owner = _dotted(f.value, aliases)
+            if f.attr == "load" and owner in ("torch", "torch.serialization"):
                 w = kw.get("weights_only")
                 if not (isinstance(w, ast.Constant) and w.value is True):
                     found.append(f"line {node.lineno}: torch.load without weights_only=True")
@@ -61,6 +79,10 @@ def test_the_scan_catches_each_violation():
         import torch, yaml, numpy as np
         torch.load("x")
         torch.load("x", weights_only=False)
+        import torch as th
+        th.load("x")
+        torch.serialization.load("x")
+        from torch.serialization import load
         m = AutoModel.from_pretrained("x", trust_remote_code=True)
         eval("1")
         exec("x = 1")
@@ -69,7 +91,7 @@ def test_the_scan_catches_each_violation():
     """)
     found = problems(bad)
     print("\n".join(found))
-    assert sorted(int(f.split(":")[0].split()[1]) for f in found) == [2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]  # each bad line
+    assert sorted(int(f.split(":")[0].split()[1]) for f in found) == [2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17]  # each bad line
     ok = 'import torch\ntorch.load("x", weights_only=True, map_location="cpu")\nf(trust_remote_code=False)\nmodel.eval()\n'
     assert problems(ok) == []
 
