@@ -153,19 +153,24 @@ def save_checkpoint(
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     main = accelerator.is_main_process
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_tree(tmp)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    _write_json(tmp / _rng_file(accelerator.process_index), _rng_state())  # every rank its own
-    if main:
-        _write_weights(accelerator.unwrap_model(model), tmp / MODEL_FILE)
-        _write_optimizer(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        if scheduler is not None:
-            _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
-    accelerator.wait_for_everyone()  # every rank's RNG file is on disk
-    if main:
+
+    def prepare():
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_tree(tmp)
+            tmp.mkdir()
+
+    def write_files():
+        _write_json(tmp / _rng_file(accelerator.process_index), _rng_state())  # every rank its own
+        if main:
+            _write_weights(accelerator.unwrap_model(model), tmp / MODEL_FILE)
+            _write_optimizer(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            if scheduler is not None:
+                _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+
+    def publish():
+        if not main:
+            return
         _write_json(tmp / STATE_FILE, {**state, "step": step})  # last: marks the folder complete
         _fsync(tmp)
         if final.exists():  # a re-save of this step: move the old one out of the way first
@@ -182,8 +187,41 @@ def save_checkpoint(
             older = [p for p in complete_checkpoints(root) if checkpoint_step(p) < step]
             for p in older[: max(0, len(older) - (keep - 1))]:
                 _delete(p)
-    accelerator.wait_for_everyone()
+
+    # Each phase ends where every rank agrees it went well (instead of a bare barrier), so a
+    # failure on one rank (a full disk on the main process) fails every rank at once rather than
+    # leaving the others waiting in a barrier until the process group's timeout.
+    for phase, work in (("preparing", prepare), ("writing", write_files), ("publishing", publish)):
+        try:
+            work()
+            error = None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers know
+            error = exc
+        _agree(accelerator, error, f"{phase} checkpoint {final.name}")
     return final
+
+
+def _agree(accelerator, error: BaseException | None, what: str) -> None:
+    """A barrier that also carries failure: every rank raises if any rank's ``error`` is set."""
+    import torch.distributed as dist
+
+    failed = error is not None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from .guards import collective_device
+
+        flag = torch.tensor([int(failed), accelerator.process_index if failed else -1], device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        any_failed, who = bool(flag[0]), int(flag[1])
+    else:
+        accelerator.wait_for_everyone()
+        any_failed, who = failed, accelerator.process_index
+    if error is not None:
+        raise error
+    if any_failed:
+        raise RuntimeError(
+            f"{what} failed on process {who} (its error says why); this process stops too. The previous complete "
+            "checkpoint is intact: fix the cause and rerun with --resume auto"
+        )
 
 
 def checkpoint_step(path: str | Path) -> int:

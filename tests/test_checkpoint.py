@@ -156,3 +156,20 @@ def test_a_half_pruned_checkpoint_is_never_complete(tmp_path):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep must be >= 1"):
         save(tmp_path, 1, {}, keep=0)
+
+
+def test_a_save_failing_on_the_main_process_fails_every_rank_at_once(dist_pool, tmp_path):
+    """A full disk on the main process: the other ranks raise too, at once (not after the process
+    group's timeout in a barrier), and the previous checkpoint is still the newest complete one."""
+    import fault_workers
+
+    res = dist_pool(2).run(fault_workers.save_fails_on_main, str(tmp_path))
+    for rank, (raised, msg, seconds) in enumerate(res):
+        print(f"rank {rank}: {raised} after {seconds:.2f} s: {msg}")
+        assert seconds < 10
+    assert res[0][0] == "OSError" and "No space left on device" in res[0][1]
+    assert res[1][0] == "RuntimeError" and "writing checkpoint step-00000002 failed on process 0" in res[1][1]
+    assert "previous complete checkpoint is intact" in res[1][1]
+    assert names(tmp_path) == ["step-00000001"]
+    remove_incomplete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
