@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hf_striped.checkpoint import OPTIMIZER_FILE, load_checkpoint, save_checkpoint
+from test_checkpoint import OneProcess  # the one-process stand-in for accelerate.Accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("hf_striped", "kernels", "patches", "scripts")
@@ -105,18 +106,6 @@ def test_our_sources_never_unpickle_or_run_text():
     assert found == {}
     loads = sum(p.read_text().count("torch.load(") for p in files)
     assert loads >= 1  # the optimizer state (checked above to pass weights_only=True)
-
-
-class OneProcess:
-    is_main_process = True
-    process_index = 0
-    device = torch.device("cpu")
-
-    def wait_for_everyone(self):
-        pass
-
-    def unwrap_model(self, model):
-        return model
 
 
 def tiny_training(tiny_llama_dir):
