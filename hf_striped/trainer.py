@@ -2,7 +2,9 @@
 
     args = StripedTrainingArguments(output_dir="out", cp_size=2, ...)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="striped_ring")
-    StripedTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ev).train()
+    trainer = StripedTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ev)
+    trainer.train()
+    trainer.accelerator.end_training()  # destroy the process groups before Python exits (gloo)
 
 launched with ``accelerate launch`` / ``torchrun`` on a multiple of ``cp_size`` processes. What it
 changes, and why (Transformers 5.x):

@@ -59,6 +59,10 @@ def main():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         with open(f"{a.out}/result.json", "w") as f:
             json.dump({"train_losses": losses, "eval_loss": metrics["eval_loss"]}, f)
+    # End as the README's Trainer example does. A gloo process that exits with its process groups
+    # still alive can abort in interpreter teardown ("terminate called without an active
+    # exception", SIGABRT: seen once in CI on the 4-process case; a known PyTorch teardown race).
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
