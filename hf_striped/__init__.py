@@ -14,13 +14,13 @@ if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_fil
 ).is_file():
     __path__.append(str(_here.parent))  # noqa: F821 - the package's own __path__
 
-from .context import context_parallel  # noqa: E402
-from .data import StripingCollator  # noqa: E402
-from .integration import ATTN_IMPLEMENTATION, register  # noqa: E402
-from .layout import LAYOUTS  # noqa: E402
-from .parallel import ContextParallel  # noqa: E402
-from .ring import ring_attention  # noqa: E402
-from .sharding import shard, unshard  # noqa: E402
+from .integration.context import context_parallel  # noqa: E402
+from .training.data import StripingCollator  # noqa: E402
+from .integration.attention import ATTN_IMPLEMENTATION, register  # noqa: E402
+from .core.layout import LAYOUTS  # noqa: E402
+from .training.parallel import ContextParallel  # noqa: E402
+from .core.ring import ring_attention  # noqa: E402
+from .core.sharding import shard, unshard  # noqa: E402
 
 register()
 
@@ -42,7 +42,7 @@ __all__ = [
 
 def __getattr__(name):  # the Trainer integration imports transformers.Trainer: only on first use
     if name in ("StripedTrainer", "StripedTrainingArguments"):
-        from . import trainer
+        from .training import trainer
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'hf_striped' has no attribute {name!r}")

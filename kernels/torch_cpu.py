@@ -33,7 +33,7 @@ def _compute(*xs):
 class TorchCPUKernel:
     name = "torch_cpu"
     backward_in_float32 = True  # the ring then saves its unrounded float32 output for backward
-    # Causal blocks are not split (hf_striped.layout.blocks, split=0). Measured with
+    # Causal blocks are not split (hf_striped.core.layout.blocks, split=0). Measured with
     # scripts/bench_schedule.py: this op's causal mode skips whole 512-key tiles only (about 256
     # wasted keys per row, a 2k block costs 0.62 of a full one), but its calls shorter than 768
     # queries use 64-row tiles and compute partly masked tiles in full, so diagonal pieces of

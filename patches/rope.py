@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_striped.layout import global_indices
+from hf_striped.core.layout import global_indices
 
 LIMITATION = (
     "rope_type 'dynamic' is refused; 'longrope' is refused for a forward in which some rank would pick "

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 def hardware(device: str = "cpu") -> str:
     if device == "cuda" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
-    from hf_striped.model_card import cpu_name
+    from hf_striped.tools.model_card import cpu_name
 
     return f"{cpu_name()}; {os.cpu_count()} cores; {torch.get_num_threads()} torch threads"
 

@@ -36,11 +36,11 @@ from bench_common import RESULTS, Recorder, add_llama_args, llama_config, median
 
 
 class _WaitTimer:
-    """Accumulates the wall time the ring spends in ``hf_striped.transport._wait`` (blocked on
+    """Accumulates the wall time the ring spends in ``hf_striped.core.transport._wait`` (blocked on
     receives), by wrapping that module function for the duration of the benchmark."""
 
     def __init__(self):
-        import hf_striped.transport as transport
+        import hf_striped.core.transport as transport
 
         self.mod, self.orig, self.total = transport, transport._wait, 0.0
 

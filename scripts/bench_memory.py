@@ -28,7 +28,7 @@ from bench_common import RESULTS, Recorder, add_llama_args, llama_config, shape_
 
 def _step_peak(model, n, group, layout, vocab) -> int:
     import hf_striped
-    from hf_striped.memory import LiveBytes
+    from hf_striped.tools.memory import LiveBytes
 
     g = torch.Generator().manual_seed(n)
     ids = torch.randint(3, vocab, (1, n), generator=g)

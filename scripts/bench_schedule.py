@@ -1,7 +1,7 @@
 """Ring-schedule benchmark: how balanced each layout's ring is on this machine's real kernels.
 
 For P virtual ranks holding c tokens each, every (rank, step) block of the ring is timed alone
-(the exact per-step code of the schedule, ``hf_striped.schedule.forward_step`` /
+(the exact per-step code of the schedule, ``hf_striped.core.schedule.forward_step`` /
 ``backward_step``: kernel calls plus the fp32 merge), forward and backward. A ring step lasts as
 long as its slowest rank, so
 
@@ -14,7 +14,7 @@ cell of every repeat, and each figure is a median over repeats. On the CPU block
 the process's CPU time (one thread by default), so other work on a shared machine does not
 inflate them; ``--clock wall`` times elapsed seconds instead. ``layout@split`` pins the causal
 split (``striped@256``: causal blocks split down to 256-token diagonal pieces, see
-``hf_striped.layout.blocks``); a bare layout uses the kernel's ``causal_split``.
+``hf_striped.core.layout.blocks``); a bare layout uses the kernel's ``causal_split``.
 
 The full ring is also run once per variant through the in-process transport (real schedule
 generators): its output must match the same layout unsplit, and its wall time is recorded.
@@ -37,9 +37,9 @@ import torch
 
 from bench_common import RESULTS, Recorder, median, shape_str, timed
 from hf_striped.kernels import BACKENDS, select_kernel
-from hf_striped.layout import LAYOUTS, blocks
-from hf_striped.schedule import _acc_dtype, backward_step, backward_schedule, forward_schedule, forward_step, kernel_split
-from hf_striped.transport import run_inprocess
+from hf_striped.core.layout import LAYOUTS, blocks
+from hf_striped.core.schedule import _acc_dtype, backward_step, backward_schedule, forward_schedule, forward_step, kernel_split
+from hf_striped.core.transport import run_inprocess
 
 DEFAULT_VARIANTS = ("striped", "striped@256", "zigzag", "contiguous")
 

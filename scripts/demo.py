@@ -65,8 +65,8 @@ def per_token_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Te
 
 def run(rank: int, world: int, args) -> None:
     import hf_striped
-    from hf_striped.layout import split_multiple
-    from hf_striped.pretrained import smollm2_folder
+    from hf_striped.core.layout import split_multiple
+    from hf_striped.tools.pretrained import smollm2_folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -74,7 +74,7 @@ def run(rank: int, world: int, args) -> None:
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // world))
     group = dist.group.WORLD
-    if rank == 0 and not (hf_striped.pretrained.cache_dir() / hf_striped.pretrained.MODEL_NAME).exists():
+    if rank == 0 and not (hf_striped.tools.pretrained.cache_dir() / hf_striped.tools.pretrained.MODEL_NAME).exists():
         print("converting SmolLM2-135M from its GGUF file to a safetensors folder (once, ~20 s) ...", flush=True)
     folder = smollm2_folder()  # file-locked: one process converts, the others wait
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
         finally:
             dist.destroy_process_group()
         return
-    from hf_striped.layout import split_multiple
+    from hf_striped.core.layout import split_multiple
 
     if args.nproc < 1:
         sys.exit("--nproc must be at least 1")

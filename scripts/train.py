@@ -5,7 +5,7 @@
 
 Every rank of a CP group receives the same global batch and keeps its stripe of it; the W / cp_size
 data-parallel replicas get different batches. The loss is the exact global token mean of each
-optimizer step (see ``hf_striped.parallel``). Checkpoints (safetensors weights, optimizer,
+optimizer step (see ``hf_striped.training.parallel``). Checkpoints (safetensors weights, optimizer,
 scheduler, RNG states, data position) are written atomically every ``--save-every`` steps and a
 rerun with the same ``--output-dir`` resumes from the newest complete one, on the identical loss
 trajectory. The end is a Hugging Face model folder with a model card (``<output-dir>/final``).
@@ -129,13 +129,13 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     import hf_striped
-    from hf_striped.guards import resolve_timeout
-    from hf_striped.checkpoint import (
+    from hf_striped.core.guards import resolve_timeout
+    from hf_striped.training.checkpoint import (
         checkpoint_step, complete_checkpoints, latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint,
     )
-    from hf_striped.model_card import hardware, library_versions, push_folder, render_card
-    from hf_striped.parallel import ContextParallel
-    from hf_striped.textdata import load_rows, pack, truncate
+    from hf_striped.tools.model_card import hardware, library_versions, push_folder, render_card
+    from hf_striped.training.parallel import ContextParallel
+    from hf_striped.tools.textdata import load_rows, pack, truncate
 
     timeout = resolve_timeout(args.timeout)
     accelerator = Accelerator(
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
 
     base_model = args.model
     if args.model is None:
-        from hf_striped.pretrained import smollm2_folder
+        from hf_striped.tools.pretrained import smollm2_folder
 
         with accelerator.main_process_first():  # converts once, then every rank reads the cache
             model_dir = smollm2_folder()

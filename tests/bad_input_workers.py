@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import hf_striped
-from hf_striped.parallel import ContextParallel
+from hf_striped.training.parallel import ContextParallel
 
 
 def _caught(fn):

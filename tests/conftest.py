@@ -35,6 +35,6 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from hf_striped.pretrained import smollm2_folder
+    from hf_striped.tools.pretrained import smollm2_folder
 
     return smollm2_folder()

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 import hf_striped
-from hf_striped.memory import LiveBytes
-from hf_striped.layout import unshard_local
-from hf_striped.ring import ring_attention_with_lse
+from hf_striped.tools.memory import LiveBytes
+from hf_striped.core.layout import unshard_local
+from hf_striped.core.ring import ring_attention_with_lse
 
 
 def ring_case(rank, world, case, layout, backend="auto"):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from hf_striped import checkpoint
+from hf_striped.training import checkpoint
 
 TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 

@@ -16,7 +16,7 @@ import traceback
 def _die_at(phase: str, step: int, how: str) -> None:
     """Make this process die or stall when its ring reaches ``step`` of ``phase``: fault
     injection by wrapping the schedule's per-step compute function in this process only."""
-    from hf_striped import schedule
+    from hf_striped.core import schedule
 
     name = "forward_step" if phase == "forward" else "backward_step"
     original = getattr(schedule, name)
@@ -89,7 +89,7 @@ def _poison(phase: str, step: int, layer: int) -> None:
     """From now on, in this process, the block results of ring ``step`` of ``phase`` in the
     attention of ``layer`` carry a NaN when the finite guard looks at them (as if the kernel had
     produced one)."""
-    from hf_striped import schedule
+    from hf_striped.core import schedule
 
     name = "forward_step" if phase == "forward" else "backward_step"
     original = getattr(schedule, name)
@@ -177,12 +177,12 @@ def model_mismatch(rank: int, world: int, model_dir: str, other_dir: str, what: 
 
 
 def save_fails_on_main(rank: int, world: int, root: str):
-    """hf_striped.checkpoint.save_checkpoint where the main process's weight write fails (a full
+    """hf_striped.training.checkpoint.save_checkpoint where the main process's weight write fails (a full
     disk): every rank must raise at once, and the previous checkpoint must stay intact."""
     import torch
     import torch.distributed as dist
 
-    from hf_striped import checkpoint
+    from hf_striped.training import checkpoint
 
     class Acc:  # what save_checkpoint uses of accelerate.Accelerator
         is_main_process, process_index, device = rank == 0, rank, torch.device("cpu")

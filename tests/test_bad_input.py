@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 import hf_striped
 from bad_input_workers import cp_size_case, different_batches_case, missing_position_ids_case
-from hf_striped.data import IGNORE_INDEX, StripingCollator
+from hf_striped.training.data import IGNORE_INDEX, StripingCollator
 from hf_striped.kernels import select_kernel
-from hf_striped.layout import LAYOUTS, shard_local, unshard_local
-from hf_striped.parallel import ContextParallel
+from hf_striped.core.layout import LAYOUTS, shard_local, unshard_local
+from hf_striped.training.parallel import ContextParallel
 from models import tiny_llama_config
 
 

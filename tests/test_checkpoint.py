@@ -1,4 +1,4 @@
-"""Checkpoint folder logic of hf_striped.checkpoint: a save/load round trip restores model,
+"""Checkpoint folder logic of hf_striped.training.checkpoint: a save/load round trip restores model,
 optimizer, scheduler and RNG exactly; atomic replacement; pruning that never touches a checkpoint
 ahead of the one written; clean-up of saves and prunes that never finished. (The real save/resume
 under `accelerate launch` is tested end to end in test_train_script.py and test_kill_during_save.py.)"""
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from hf_striped.checkpoint import (
+from hf_striped.training.checkpoint import (
     STATE_FILE,
     complete_checkpoints,
     latest_checkpoint,

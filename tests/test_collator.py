@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_striped.data import IGNORE_INDEX, StripingCollator, batch_fingerprint
-from hf_striped.layout import LAYOUTS, unshard_local
+from hf_striped.training.data import IGNORE_INDEX, StripingCollator, batch_fingerprint
+from hf_striped.core.layout import LAYOUTS, unshard_local
 
 rows_st = st.lists(st.lists(st.integers(3, 999), min_size=1, max_size=40), min_size=1, max_size=4)
 
@@ -117,7 +117,7 @@ def test_fingerprint_sees_one_changed_token():
 def test_packing_carries_the_remainder_across_document_batches():
     import datasets
 
-    from hf_striped.textdata import pack
+    from hf_striped.tools.textdata import pack
 
     ds = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7]] * 2500})  # 10,000 tokens with EOS, short documents
     packed = pack(ds, None, 3000, eos_id=0)

@@ -199,7 +199,7 @@ def test_refused_families_fail_fast(monkeypatch):
     from transformers import Lfm2Config
 
     calls = []
-    monkeypatch.setattr(hf_striped.integration, "ring_attention", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(hf_striped.integration.attention, "ring_attention", lambda *a, **k: calls.append(1))
     cfg = Lfm2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"])
     model = _striped(cfg)
@@ -276,7 +276,7 @@ def test_longrope_check_arithmetic():
         cfg.rope_parameters["original_max_position_embeddings"] = switch
         verdicts = []
         for r in range(P):
-            pos = hf_striped.layout.shard_local(torch.arange(base, base + n)[None], 1, layout, r, P)
+            pos = hf_striped.core.layout.shard_local(torch.arange(base, base + n)[None], 1, layout, r, P)
             try:
                 rope.check_forward(cfg, pos, layout=layout, rank=r, world_size=P, seq_local=n // P)
                 verdicts.append(True)

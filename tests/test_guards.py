@@ -17,9 +17,9 @@ import torch
 
 import fault_workers
 import hf_striped
-from hf_striped.guards import NonFiniteError, resolve_check_finite, resolve_timeout
+from hf_striped.core.guards import NonFiniteError, resolve_check_finite, resolve_timeout
 from hf_striped.kernels import KERNELS
-from hf_striped.layout import shard_local
+from hf_striped.core.layout import shard_local
 
 
 @pytest.mark.parametrize("field", ["batch", "heads", "kv_heads", "head_dim", "dtype", "kv_heads_not_dividing"])
@@ -134,7 +134,7 @@ def test_ring_with_blocks_of_unseen_rows_stays_finite(layout):
     torch.manual_seed(1)
     P, n = 4, 64
     q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    outs, lses = hf_striped.ring.ring_attention_inprocess(
+    outs, lses = hf_striped.core.ring.ring_attention_inprocess(
         [shard_local(q, 1, layout, r, P) for r in range(P)], [shard_local(k, 1, layout, r, P) for r in range(P)],
         [shard_local(v, 1, layout, r, P) for r in range(P)], layout=layout, window=3, check_finite=True,
     )

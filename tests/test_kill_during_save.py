@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import test_train_script
 from test_train_script import ROOT, TRAIN, _env, kill_tree, losses_of, run, train_cmd
 
-from hf_striped.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, complete_checkpoints
+from hf_striped.training.checkpoint import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, complete_checkpoints
 
 FAULT = ROOT / "tests" / "fault_train.py"
 workdir = test_train_script.workdir  # the same data file, made once for this module

@@ -7,7 +7,7 @@ import torch
 
 import dist_workers
 from exactness import max_err
-from hf_striped.layout import LAYOUTS, unshard_local
+from hf_striped.core.layout import LAYOUTS, unshard_local
 from models import single_process
 
 
@@ -85,7 +85,7 @@ def test_smollm2_cp2_logits_and_token_losses(dist_pool, smollm2_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    import hf_striped.layout as layout_module
+    import hf_striped.core.layout as layout_module
 
     text = open(layout_module.__file__, encoding="utf-8").read()  # our own source as input text
     ids = tok(text, return_tensors="pt").input_ids[:, :256]

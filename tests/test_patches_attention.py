@@ -13,7 +13,7 @@ import hf_striped
 from dist_workers import ring_feature_cases, unshard_feature_results
 from exactness import Case, assert_exact
 from hf_striped.kernels.reference import plain_attention
-from hf_striped.layout import LAYOUTS
+from hf_striped.core.layout import LAYOUTS
 
 VARIANTS = {"softcap": dict(softcap=1.5), "sinks": dict(sinks=True), "both": dict(softcap=3.0, sinks=True)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,7 +70,7 @@ def test_softcap_and_sinks_exact_across_ranks(dist_pool, P):
 
 
 def test_softcap_warns_once_about_speed_and_bad_arguments_raise():
-    import hf_striped.ring as ring
+    import hf_striped.core.ring as ring
 
     ring._SOFTCAP_WARNED.clear()
     q, k, v, _ = Case(batch=1, seq=8).inputs()

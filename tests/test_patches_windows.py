@@ -16,8 +16,8 @@ import hf_striped
 from dist_workers import ring_feature_cases, unshard_feature_results
 from exactness import Case, assert_exact
 from hf_striped.kernels.reference import band_mask, plain_attention
-from hf_striped.layout import LAYOUTS, blocks, global_indices, shard_local, unshard_local
-from hf_striped.ring import ring_attention_inprocess
+from hf_striped.core.layout import LAYOUTS, blocks, global_indices, shard_local, unshard_local
+from hf_striped.core.ring import ring_attention_inprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:hf_striped. sliding-window band blocks:RuntimeWarning")
 
@@ -38,9 +38,9 @@ def _coverage(layout, rank, source, P, c, window, split=0) -> torch.Tensor:
 @pytest.mark.parametrize("band_rows", [64, 3])
 def test_window_blocks_cover_the_windowed_causal_set_exactly_once(monkeypatch, band_rows):
     """band_rows=3 cuts bands into row chunks (triangle, full and causal calls) at these sizes."""
-    import hf_striped.layout
+    import hf_striped.core.layout
 
-    monkeypatch.setattr(hf_striped.layout, "BAND_ROWS", band_rows)
+    monkeypatch.setattr(hf_striped.core.layout, "BAND_ROWS", band_rows)
     checked = 0
     for layout in LAYOUTS:
         for P in (1, 2, 3, 4, 5):
@@ -150,7 +150,7 @@ def test_windowed_ring_on_gloo_is_exact(dist_pool, P):
 
 
 def test_band_blocks_warn_once_about_the_reference_kernel():
-    import hf_striped.ring as ring
+    import hf_striped.core.ring as ring
 
     ring._SOFTCAP_WARNED.discard("window")
     q, k, v, _ = Case(batch=1, seq=8).inputs()
@@ -165,9 +165,9 @@ def test_band_blocks_warn_once_about_the_reference_kernel():
 def test_windowed_ring_with_band_row_chunks_is_exact(monkeypatch, P):
     """Bands cut into row chunks (BAND_ROWS = 4 here): triangle calls on the reference kernel,
     full and causal calls on the fused one, all merged exactly."""
-    import hf_striped.layout
+    import hf_striped.core.layout
 
-    monkeypatch.setattr(hf_striped.layout, "BAND_ROWS", 4)
+    monkeypatch.setattr(hf_striped.core.layout, "BAND_ROWS", 4)
     n = 48
     for i, (layout, window) in enumerate([("striped", 13), ("striped", 40), ("contiguous", 30), ("zigzag", 11)]):
         case = Case(seq=n, seed=20 + i)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import dist_workers
 from exactness import Case, assert_exact, plain, reference
-from hf_striped.layout import LAYOUTS, shard_local, unshard_local
-from hf_striped.ring import ring_attention_inprocess
+from hf_striped.core.layout import LAYOUTS, shard_local, unshard_local
+from hf_striped.core.ring import ring_attention_inprocess
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = {

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_striped.layout import LAYOUTS, block_mask, blocks, check_length, global_indices, shard_local, unshard_local
-from hf_striped.merge import merge_
-from hf_striped.transport import CommStats, Post, Wait, run_inprocess
+from hf_striped.core.layout import LAYOUTS, block_mask, blocks, check_length, global_indices, shard_local, unshard_local
+from hf_striped.core.merge import merge_
+from hf_striped.core.transport import CommStats, Post, Wait, run_inprocess
 
 
 @settings(max_examples=200, deadline=None)

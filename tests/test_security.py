@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_striped.checkpoint import OPTIMIZER_FILE, load_checkpoint, save_checkpoint
+from hf_striped.training.checkpoint import OPTIMIZER_FILE, load_checkpoint, save_checkpoint
 from test_checkpoint import OneProcess  # the one-process stand-in for accelerate.Accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ EVIL = ["{{ 7*7 }}", "{% for x in range(3) %}x{% endfor %}", "\n---\nlicense: ev
 def test_model_card_renders_user_values_as_data(tmp_path):
     from huggingface_hub import ModelCard
 
-    from hf_striped.model_card import TAGS, render_card
+    from hf_striped.tools.model_card import TAGS, render_card
 
     info = dict(model_name="m" + EVIL[2], seq_len=64, cp_size=2, layout="striped", dp_size=1, data=" ".join(EVIL),
                 steps=3, batch_size=1, grad_accum=1, learning_rate=1e-3, scheduler=EVIL[0], precision="fp32",
@@ -183,7 +183,7 @@ logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, force=True)
 from huggingface_hub.utils import logging as hf_logging
 hf_logging.set_verbosity_debug()
 logging.getLogger("huggingface_hub").debug("debug logging is on")
-from hf_striped.model_card import push_folder
+from hf_striped.tools.model_card import push_folder
 for token in (None, sys.argv[2]):
     try:
         push_folder(sys.argv[1], "someone/repo", token=token)

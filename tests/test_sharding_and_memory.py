@@ -8,7 +8,7 @@ import torch
 import dist_workers
 import hf_striped
 from exactness import Case
-from hf_striped.layout import LAYOUTS, shard_local
+from hf_striped.core.layout import LAYOUTS, shard_local
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from exactness import Case, assert_exact, plain, reference
 from hf_striped.kernels.torch_cpu import TorchCPUKernel
-from hf_striped.layout import LAYOUTS, block_mask, blocks, global_indices
+from hf_striped.core.layout import LAYOUTS, block_mask, blocks, global_indices
 from test_ring_exactness import _inprocess
 
 

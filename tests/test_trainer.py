@@ -52,7 +52,7 @@ def _sdpa_model_with_cp(rank, world):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     from transformers import LlamaForCausalLM
 
-    from hf_striped.trainer import StripedTrainer, StripedTrainingArguments
+    from hf_striped.training.trainer import StripedTrainer, StripedTrainingArguments
     from models import tiny_llama_config
 
     model = LlamaForCausalLM(tiny_llama_config())  # sdpa by default

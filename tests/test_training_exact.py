@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hf_striped  # noqa: F401
-from hf_striped.data import StripingCollator
+from hf_striped.training.data import StripingCollator
 from models import load
 from train_workers import bad_cp_size_case, gather_case, mismatched_batches_case, train_step_case
 

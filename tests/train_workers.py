@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 import hf_striped  # noqa: F401 - registers striped_ring
-from hf_striped.parallel import ContextParallel
+from hf_striped.training.parallel import ContextParallel
 from models import load
 
 

@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hf_striped
-from hf_striped.trainer import StripedTrainer, StripedTrainingArguments
+from hf_striped.training.trainer import StripedTrainer, StripedTrainingArguments
 
 
 def rows(n, seed):

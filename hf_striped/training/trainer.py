@@ -11,7 +11,7 @@ changes, and why (Transformers 5.x):
 
 * data: batches are sharded over data-parallel replicas only (Accelerate's ``BatchSamplerShard``
   is told the replica count and index), and each rank's collator keeps its stripe of the global
-  batch (:class:`hf_striped.data.StripingCollator`, on top of the ``data_collator`` you pass);
+  batch (:class:`hf_striped.training.data.StripingCollator`, on top of the ``data_collator`` you pass);
 * loss: the Trainer's own ``num_items_in_batch`` path is already exact once the batch carries
   ``shift_labels`` (it counts target tokens over all processes and multiplies the loss by the
   process count before DDP averages gradients); we only run the forward inside the CP context;
@@ -32,7 +32,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput
 
 from .data import IGNORE_INDEX
-from .integration import ATTN_IMPLEMENTATION
+from ..integration import ATTN_IMPLEMENTATION
 from .parallel import ContextParallel, collective_device
 
 

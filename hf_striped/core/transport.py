@@ -63,8 +63,8 @@ def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float | None =
              name: str | None = None) -> Any:
     """Drive one rank's schedule over ``torch.distributed`` point-to-point ops in ``group``.
 
-    Every ``Wait`` has a deadline of ``timeout`` seconds (see :mod:`hf_striped.guards`); a peer
-    that died or stalled raises :class:`~hf_striped.guards.RingCommError` naming ``phase``
+    Every ``Wait`` has a deadline of ``timeout`` seconds (see :mod:`hf_striped.core.guards`); a peer
+    that died or stalled raises :class:`~hf_striped.core.guards.RingCommError` naming ``phase``
     ("forward"/"backward"), the ring step, the message and the peer, instead of waiting forever.
     ``name`` (e.g. "layer 5") is added to that message.
     """

@@ -27,9 +27,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import active_context, state_for_attention_call
-from .patches import check_model, windows_reach_attention
-from .patches import rope as _rope
-from .ring import check_peer_spread, peer_signature, ring_attention
+from ..patches import check_model, windows_reach_attention
+from ..patches import rope as _rope
+from ..core.ring import check_peer_spread, peer_signature, ring_attention
 
 ATTN_IMPLEMENTATION = "striped_ring"
 

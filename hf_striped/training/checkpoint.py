@@ -207,7 +207,7 @@ def _agree(accelerator, error: BaseException | None, what: str) -> None:
 
     failed = error is not None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from .guards import collective_device
+        from ..core.guards import collective_device
 
         flag = torch.tensor([int(failed), accelerator.process_index if failed else -1], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .guards import collective, collective_device, resolve_check_finite, resolve_timeout
-from .kernels import BACKENDS
-from .layout import check_layout, global_indices
-from .ring import group_rank_size
+from ..core.guards import collective, collective_device, resolve_check_finite, resolve_timeout
+from ..kernels import BACKENDS
+from ..core.layout import check_layout, global_indices
+from ..core.ring import group_rank_size
 
 
 @dataclass(kw_only=True)
@@ -219,7 +219,7 @@ def context_parallel(
     after the block: gradient checkpointing's recomputation reuses the forward's context.
 
     ``timeout`` bounds every wait for a peer (a dead or stuck rank raises
-    :class:`hf_striped.guards.RingCommError` naming the ring step and peer); ``check_finite``
+    :class:`hf_striped.core.guards.RingCommError` naming the ring step and peer); ``check_finite``
     turns on the NaN/Inf guard; ``train_step`` is named in its errors. See
     :class:`ContextParallelState` for their defaults.
     """

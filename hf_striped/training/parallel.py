@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .context import context_parallel
+from ..integration.context import context_parallel
 from .data import FINGERPRINT_KEY, IGNORE_INDEX, StripingCollator
-from .guards import collective, collective_device, resolve_check_finite, resolve_timeout, wait_work
-from .kernels import BACKENDS
-from .layout import check_layout
-from .sharding import unshard
+from ..core.guards import collective, collective_device, resolve_check_finite, resolve_timeout, wait_work
+from ..kernels import BACKENDS
+from ..core.layout import check_layout
+from ..core.sharding import unshard
 
 
 def check_cp_size(cp_size: int, world_size: int) -> None:
@@ -56,7 +56,7 @@ class ContextParallel:
             all-gather per micro-batch) and raise if ranks were given different batches.
         device_type: ``"cpu"`` or ``"cuda"``; default: ``"cuda"`` if the process group is NCCL.
         timeout: seconds any rank waits for a peer in the ring or in these helpers' collectives
-            before raising ``hf_striped.guards.RingCommError`` (default: the
+            before raising ``hf_striped.core.guards.RingCommError`` (default: the
             ``HF_STRIPED_TIMEOUT`` environment variable, else 600). Set the process group's own
             timeout (``init_process_group(timeout=)``, Accelerate's ``InitProcessGroupKwargs``)
             to bound the data-parallel gradient all-reduce as well.
@@ -113,7 +113,7 @@ class ContextParallel:
     # -- data ---------------------------------------------------------------------------------
 
     def collator(self, **kwargs) -> StripingCollator:
-        """A :class:`~hf_striped.data.StripingCollator` for this rank (kwargs go to it)."""
+        """A :class:`~hf_striped.training.data.StripingCollator` for this rank (kwargs go to it)."""
         return StripingCollator(cp_rank=self.cp_rank, cp_size=self.cp_size, layout=self.layout, **kwargs)
 
     def prepare_dataloader(self, dataloader, *, device=None, seed: int | None = None):

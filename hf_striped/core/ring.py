@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .kernels import select_kernel
-from .kernels.reference import ReferenceKernel
+from ..kernels import select_kernel
+from ..kernels.reference import ReferenceKernel
 from .layout import BAND_ROWS, check_layout
 from .guards import FiniteGuard, collective, collective_device, resolve_check_finite, resolve_timeout
 from .schedule import backward_schedule, forward_schedule
@@ -415,10 +415,10 @@ def ring_attention(
             skipped; the triangular edges of band blocks run on the reference kernel (warns
             once), full and causal pieces on the fused one.
         timeout: seconds any rank waits for one ring message before raising
-            :class:`hf_striped.guards.RingCommError` (naming the ring step and peer); default
+            :class:`hf_striped.core.guards.RingCommError` (naming the ring step and peer); default
             the ``HF_STRIPED_TIMEOUT`` environment variable, else 600. A dead peer fails at once.
         check_finite: check every block's output and log-sum-exp (and backward's gradient
-            pieces) for NaN/Inf and raise :class:`hf_striped.guards.NonFiniteError` naming the
+            pieces) for NaN/Inf and raise :class:`hf_striped.core.guards.NonFiniteError` naming the
             layer, rank and step of the first; default the ``HF_STRIPED_CHECK_FINITE``
             environment variable, else off (it costs a pass over every block).
         name: what to call this call in error messages (e.g. ``"layer 5"``).
@@ -453,7 +453,7 @@ def ring_attention_inprocess(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the same ring schedule for ``len(qs)`` virtual ranks in this process.
 
-    ``qs[r]``/``ks[r]``/``vs[r]`` are rank r's shards (see :func:`hf_striped.layout.shard_local`).
+    ``qs[r]``/``ks[r]``/``vs[r]`` are rank r's shards (see :func:`hf_striped.core.layout.shard_local`).
     Returns ``(outs, lses)``, per rank; outputs are differentiable. ``stats``, if given (one
     :class:`CommStats` per rank), records every message each rank sends. ``softcap``, ``window``
     and ``check_finite`` as in :func:`ring_attention`.

@@ -35,7 +35,7 @@ def block_kernel(kernel, blk: Block):
     if blk.band is None or getattr(kernel, "supports_band", False):
         return kernel
     if _BAND_KERNEL is None:
-        from .kernels.reference import ReferenceKernel
+        from ..kernels.reference import ReferenceKernel
 
         _BAND_KERNEL = ReferenceKernel()
     return _BAND_KERNEL
@@ -46,7 +46,7 @@ def _band(blk: Block) -> dict:
 
 
 def kernel_split(kernel, split: int | None = None) -> int:
-    """The causal split (see :func:`hf_striped.layout.blocks`) to use with ``kernel``: ``split``
+    """The causal split (see :func:`hf_striped.core.layout.blocks`) to use with ``kernel``: ``split``
     if given, else the kernel's ``causal_split`` attribute (0, no split, when it has none)."""
     return int(getattr(kernel, "causal_split", 0)) if split is None else int(split)
 
@@ -85,7 +85,7 @@ def forward_step(q, k, v, out, lse_t, blks: list[Block], kernel, scale: float, *
     ``q`` ``[b, c, h, d]``; ``k``/``v`` ``[b, c, hk, d]``; ``out`` ``[b, c, h, d]`` and ``lse_t``
     ``[b, c, h]`` (the log-sum-exp stored sequence-major, so batched pieces fold as views) are
     contiguous float32/float64 accumulators. This is the whole compute of one ring step; the
-    benchmark times it per (rank, step). ``guard`` (:class:`hf_striped.guards.FiniteGuard`)
+    benchmark times it per (rank, step). ``guard`` (:class:`hf_striped.core.guards.FiniteGuard`)
     checks every block's result, reported as ring ``step`` with K/V from rank ``source``."""
     for blk in blks:
         o_b, lse_b = block_kernel(kernel, blk).forward(
@@ -153,7 +153,7 @@ def forward_schedule(
     log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype.
     ``split``: causal split of the blocks (default: the kernel's ``causal_split``).
     ``window``: sliding window in tokens (``None``: plain causal), see ``layout.blocks``.
-    ``guard``: a :class:`hf_striped.guards.FiniteGuard` that checks every block (optional)."""
+    ``guard``: a :class:`hf_striped.core.guards.FiniteGuard` that checks every block (optional)."""
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
     split = kernel_split(kernel, split)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .layout import LAYOUTS, shard_local, split_multiple
+from ..core.layout import LAYOUTS, shard_local, split_multiple
 
 IGNORE_INDEX = -100
 FINGERPRINT_KEY = "cp_fingerprint"
