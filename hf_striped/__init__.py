@@ -17,7 +17,9 @@ if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_fil
 from .integration.context import context_parallel  # noqa: E402
 from .training.data import StripingCollator  # noqa: E402
 from .integration.attention import ATTN_IMPLEMENTATION, register  # noqa: E402
+from .core.guards import NonFiniteError, RingCommError  # noqa: E402
 from .core.layout import LAYOUTS  # noqa: E402
+from .core.options import RingHooks, RingOptions  # noqa: E402
 from .training.parallel import ContextParallel  # noqa: E402
 from .core.ring import ring_attention  # noqa: E402
 from .core.sharding import shard, unshard  # noqa: E402
@@ -29,6 +31,10 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "LAYOUTS",
     "ContextParallel",
+    "NonFiniteError",
+    "RingCommError",
+    "RingHooks",
+    "RingOptions",
     "StripedTrainer",
     "StripedTrainingArguments",
     "StripingCollator",

@@ -1,19 +1,22 @@
 """Block kernels: one attention block with its log-sum-exp, forward and backward.
 
-``select_kernel(backend, q, k, v)`` picks the implementation. ``"auto"`` takes the first
-kernel of the device's chain that accepts the inputs (with a one-time warning when it had to
-pass over a faster one). A backend named explicitly is a request, not a hint: if it cannot take
+``select_kernel(backend, q, k, v)`` returns a :class:`KernelChain`: the kernel that runs the
+blocks (for ``"auto"`` the first kernel of the device's chain that accepts the inputs, with a
+one-time warning when it had to pass over a faster one), followed by the kernels after it on that
+chain that accept the inputs too. A block needing a feature the first kernel does not declare in
+its :class:`KernelCapabilities` (a sliding-window band, soft-capping) goes to the first kernel of
+the chain that does. A backend named explicitly is a request, not a hint: if it cannot take
 the inputs it raises (``TypeError`` for the dtype, ``ValueError`` for the device, head_dim or a
 missing package) with the reason and what to change, instead of silently running another kernel.
 """
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 
 import torch
 
-from .base import BlockKernel, expand_kv, gqa_groups, reduce_kv_grad
+from .base import BlockKernel, KernelCapabilities, expand_kv, gqa_groups, reduce_kv_grad
 from .flash_attn import FlashAttnKernel, flash_attn_importable
 from .reference import ReferenceKernel, plain_attention
 from .torch_cpu import TorchCPUKernel
@@ -35,7 +38,6 @@ _CHAINS = {
     "cuda": ("flash_attn", "torch_flash", "torch_efficient", "torch_cudnn", "reference"),
     "cpu": ("torch_cpu", "reference"),
 }
-_warned: set[tuple[str, str]] = set()
 
 
 def _chain(device_type: str) -> tuple[str, ...]:
@@ -47,12 +49,6 @@ def _available(name: str, device_type: str) -> bool:
     if name == "flash_attn":
         return device_type == "cuda" and flash_attn_importable()
     return name in _chain(device_type)
-
-
-def _warn_once(key: tuple, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _dtype_refusal(reason: str) -> bool:
@@ -86,8 +82,54 @@ def _auto_pick(q, k, v) -> tuple[str | None, list[str]]:
     return None, rejected
 
 
-def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> BlockKernel:
-    """Return the kernel to use for these inputs (see module docstring).
+@dataclass(frozen=True)
+class KernelChain:
+    """The kernels one ring call runs its blocks on: ``kernels[0]`` for every block it can
+    compute, the first later one that declares the feature for the others. Built by
+    :func:`select_kernel`; its kernels are that call's own (``BlockKernel.for_call``)."""
+
+    kernels: tuple[BlockKernel, ...]
+
+    @property
+    def name(self) -> str:
+        return self.kernels[0].name
+
+    @property
+    def capabilities(self) -> KernelCapabilities:
+        return self.kernels[0].capabilities
+
+    def first_with(self, feature: str) -> BlockKernel | None:
+        """The first kernel declaring ``feature`` (a :class:`KernelCapabilities` field), or ``None``."""
+        return next((k for k in self.kernels if getattr(k.capabilities, feature)), None)
+
+    def starting_with(self, feature: str) -> KernelChain:
+        """The chain from its first kernel declaring ``feature`` on (for calls where every block
+        needs it); ``ValueError`` if none does."""
+        for i, k in enumerate(self.kernels):
+            if getattr(k.capabilities, feature):
+                return KernelChain(self.kernels[i:])
+        raise ValueError(f"no kernel of {[k.name for k in self.kernels]} can compute {feature}")
+
+    def for_block(self, band) -> BlockKernel:
+        """The kernel for one call: the first kernel, unless the call is a band (``band`` not
+        ``None``) it cannot mask; then the first kernel that can."""
+        if band is None or self.kernels[0].capabilities.band:
+            return self.kernels[0]
+        return self.first_with("band")
+
+
+def _chain_from(name: str, q, k, v) -> KernelChain:
+    """``name``'s kernel, then every later kernel of the device's chain that takes the inputs
+    (the reference kernel always does when ``name``'s does: it runs every dtype and device)."""
+    device = q.device.type
+    order = _chain(device)
+    later = order[order.index(name) + 1:] if name in order else ("reference",) if name != "reference" else ()
+    rest = [n for n in later if _available(n, device) and KERNELS[n].unsupported_reason(q, k, v) is None]
+    return KernelChain(tuple(KERNELS[n].for_call() for n in (name, *rest)))
+
+
+def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> KernelChain:
+    """Return the kernel chain for these inputs (see module docstring).
 
     Raises ``TypeError`` when the named backend (or, for ``"auto"``, every kernel) cannot take
     the inputs' dtype and ``ValueError`` for any other refusal (device, head_dim, package
@@ -97,7 +139,7 @@ def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if backend != "auto":
         reason = KERNELS[backend].unsupported_reason(q, k, v)
         if reason is None:
-            return KERNELS[backend]
+            return _chain_from(backend, q, k, v)
         auto, _ = _auto_pick(q, k, v)
         use_auto = f"use backend='auto', which would pick {auto!r} here" if auto is not None else ""
         if _dtype_refusal(reason):
@@ -118,17 +160,20 @@ def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             + "; ".join(rejected) + f"): cast q/k/v to one of {', '.join(dtypes)} (the model's dtype= when loading)"
         )
     if rejected:
-        _warn_once(
-            ("auto", name, tuple(rejected)),
-            f"hf_striped: falling back to the {name!r} attention kernel: " + "; ".join(rejected),
-        )
-    return KERNELS[name]
+        # imported here: a checkout's kernels/ folder may also be imported as a top-level package
+        # (Transformers probes for the Hub's `kernels`), where there is no parent package
+        from ..log import warn_once
+
+        warn_once(f"hf_striped: falling back to the {name!r} attention kernel: " + "; ".join(rejected), stacklevel=3)
+    return _chain_from(name, q, k, v)
 
 
 __all__ = [
     "BACKENDS",
     "KERNELS",
     "BlockKernel",
+    "KernelCapabilities",
+    "KernelChain",
     "expand_kv",
     "gqa_groups",
     "plain_attention",

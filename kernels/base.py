@@ -8,24 +8,54 @@ heads than Q (grouped-query attention) and every kernel accepts that shape.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 
+@dataclass(frozen=True, kw_only=True)
+class KernelCapabilities:
+    """What a block kernel can compute beyond plain causal/full blocks. ``select_kernel``'s
+    fallback chain routes each block to the first kernel that can."""
+
+    band: bool = False
+    """Sliding-window band masks: ``forward(..., band=(lo, hi))`` (query i sees key j iff
+    ``lo <= i - j <= hi``)."""
+    softcap: bool = False
+    """Logit soft-capping: ``forward(..., softcap=cap)`` scores ``cap * tanh(s / cap)``."""
+    document_mask: bool = False
+    """Per-document (block-diagonal) masks of packed rows."""
+    float32_backward: bool = False
+    """Half-precision inputs are computed in float32, so backward wants the ring's unrounded
+    float32 output (its row sums ``rowsum(dO * O)`` then match the forward)."""
+    causal_split: int = 0
+    """Split causal blocks into full pieces plus diagonal causal pieces at least this long
+    (0: no split); see ``hf_striped.core.layout.blocks``."""
+
+
 class BlockKernel(Protocol):
-    """One attention block with its log-sum-exp, forward and backward."""
+    """One attention block with its log-sum-exp, forward and backward.
+
+    Kernels hold no state between calls, except what :meth:`for_call` hands out: the object
+    that runs one ring call's blocks (a kernel whose backward needs bookkeeping from its
+    forward keeps it there, never on the shared instance in ``KERNELS``)."""
 
     name: str
+    capabilities: KernelCapabilities
+
+    def for_call(self) -> BlockKernel:
+        """The object that runs the blocks of one ring call (``self`` for stateless kernels)."""
 
     def unsupported_reason(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         """Why this kernel cannot take these inputs (``None`` when it can). A refusal of the
         inputs' dtype starts with ``"dtype "`` (``select_kernel`` then raises ``TypeError``)."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, **features
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``out`` ``[b, sq, h, d]`` (in ``q.dtype``, or float32 for kernels that compute
+        """``features``: ``band=`` / ``softcap=``, passed only to kernels whose
+        :class:`KernelCapabilities` declare them. Return ``out`` ``[b, sq, h, d]`` (in ``q.dtype``, or float32 for kernels that compute
         half-precision inputs in float32) and ``lse`` ``[b, h, sq]`` in float32 (float64 for
         float64 inputs). ``causal`` aligns the mask top-left (query i sees keys
         ``<= i``); callers only use it with ``sq == sk``."""
@@ -40,9 +70,10 @@ class BlockKernel(Protocol):
         lse: torch.Tensor,
         causal: bool,
         scale: float,
+        **features,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Partial gradients of one block given the *final* ``out``/``lse`` of each query row
-        (``out`` may arrive in float32 when the kernel sets ``backward_in_float32``).
+        (``out`` arrives in float32 when the kernel declares ``float32_backward``).
 
         Returns ``dq`` shaped like ``q`` and ``dk``/``dv`` shaped like ``k``/``v`` (GQA groups
         already summed), in the input dtype or float32."""

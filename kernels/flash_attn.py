@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from .base import gqa_groups
+from .base import KernelCapabilities, gqa_groups
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -51,6 +51,10 @@ def _window_args(params: set[str]) -> dict:
 
 class FlashAttnKernel:
     name = "flash_attn"
+    capabilities = KernelCapabilities()
+
+    def for_call(self) -> FlashAttnKernel:
+        return self
 
     def unsupported_reason(self, q, k, v):
         iface = _interface()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import expand_kv, gqa_groups, reduce_kv_grad
+from .base import KernelCapabilities, expand_kv, gqa_groups, reduce_kv_grad
 
 
 def band_mask(sq: int, sk: int, band: tuple[int, int], device=None) -> torch.Tensor:
@@ -57,17 +57,16 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 class ReferenceKernel:
     """Math attention accumulating in float32 (float64 for float64 inputs).
 
-    ``softcap``: if set, scores are soft-capped as Gemma 2 does (``cap * tanh(s / cap)``
-    after scaling, before masking); the backward applies the chain rule through the tanh.
-    ``band=(lo, hi)`` in forward/backward: an arbitrary diagonal band mask (sliding windows),
-    query i sees key j iff ``lo <= i - j <= hi``; it replaces ``causal``."""
+    ``softcap=cap`` in forward/backward: scores are soft-capped as Gemma 2 does
+    (``cap * tanh(s / cap)`` after scaling, before masking); the backward applies the chain rule
+    through the tanh. ``band=(lo, hi)``: an arbitrary diagonal band mask (sliding windows), query
+    i sees key j iff ``lo <= i - j <= hi``; it replaces ``causal``."""
 
     name = "reference"
-    backward_in_float32 = True
-    supports_band = True
+    capabilities = KernelCapabilities(band=True, softcap=True, float32_backward=True)
 
-    def __init__(self, softcap: float | None = None):
-        self.softcap = None if softcap is None else float(softcap)
+    def for_call(self) -> ReferenceKernel:
+        return self
 
     def unsupported_reason(self, q, k, v):
         # float8 is a storage format: the math would run (in float32) but the ring's final
@@ -78,7 +77,7 @@ class ReferenceKernel:
         gqa_groups(q, k)
         return None
 
-    def forward(self, q, k, v, causal, scale, band=None):
+    def forward(self, q, k, v, causal, scale, band=None, softcap=None):
         g = gqa_groups(q, k)
         k, v = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
@@ -86,13 +85,13 @@ class ReferenceKernel:
         out = torch.empty(b, sq, h, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.empty(b, h, sq, dtype=acc, device=q.device)
         for r0, r1 in _row_chunks(q, k):
-            s = _scores(q[:, r0:r1], k, causal, scale, acc, self.softcap, band, r0)
+            s = _scores(q[:, r0:r1], k, causal, scale, acc, softcap, band, r0)
             lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
             p = _probs(s, lse[:, :, r0:r1])
             out[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
         return out, lse  # in the accumulation dtype: the ring rounds once, at the end
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, band=None):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, band=None, softcap=None):
         g = gqa_groups(q, k)
         ke, ve = expand_kv(k, g), expand_kv(v, g)
         acc = _acc_dtype(q.dtype)
@@ -101,15 +100,15 @@ class ReferenceKernel:
         dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
         for r0, r1 in _row_chunks(q, ke):
             qc = q[:, r0:r1]
-            s = _scores(qc, ke, causal, scale, acc, self.softcap, band, r0)
+            s = _scores(qc, ke, causal, scale, acc, softcap, band, r0)
             p = _probs(s, lse[:, :, r0:r1].to(acc))
             do = dout[:, r0:r1].to(acc)
             dv += torch.einsum("bhqk,bqhd->bkhd", p, do)
             dp = torch.einsum("bqhd,bkhd->bhqk", do, ve.to(acc))
             delta = (do * out[:, r0:r1].to(acc)).sum(-1).transpose(1, 2)  # [b, h, rows]
             ds = p * (dp - delta[..., None])
-            if self.softcap is not None:  # s = cap * tanh(raw / cap): d s / d raw = 1 - (s / cap)^2
-                ds = ds * (1 - (s.masked_fill(torch.isinf(s), 0.0) / self.softcap) ** 2)
+            if softcap is not None:  # s = cap * tanh(raw / cap): d s / d raw = 1 - (s / cap)^2
+                ds = ds * (1 - (s.masked_fill(torch.isinf(s), 0.0) / softcap) ** 2)
             dq[:, r0:r1] = torch.einsum("bhqk,bkhd->bqhd", ds, ke.to(acc)) * scale
             dk += torch.einsum("bhqk,bqhd->bkhd", ds, qc.to(acc)) * scale
         return dq, reduce_kv_grad(dk, g), reduce_kv_grad(dv, g)

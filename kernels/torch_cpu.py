@@ -8,7 +8,7 @@ rounding). PyTorch 2.13's half-precision CPU kernels round probabilities and gra
 sums to the input dtype: on one causal 512-token bfloat16 block (4 heads, head_dim 64) the
 backward's dV error against float64 was 4.9e-2, 2.5x that of plain bfloat16 PyTorch math
 (2.0e-2), largest on the first keys, which every query attends to; that breaks the exactness
-rule of DESIGN.md section 6 before any ring is involved. In float32 the same block's dV error is
+rule (docs/design.md section 9) before any ring is involved. In float32 the same block's dV error is
 2.6e-4, and the only bfloat16 error left is the final rounding. The price is float32 speed:
 about 1.7x the bfloat16 kernel's time on this AVX-512 CPU.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import gqa_groups
+from .base import KernelCapabilities, gqa_groups
 
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -32,13 +32,17 @@ def _compute(*xs):
 
 class TorchCPUKernel:
     name = "torch_cpu"
-    backward_in_float32 = True  # the ring then saves its unrounded float32 output for backward
-    # Causal blocks are not split (hf_striped.core.layout.blocks, split=0). Measured with
+    # float32_backward: half precision is computed in float32 (module docstring), so the ring
+    # saves its unrounded float32 output for backward.
+    # causal_split 0: causal blocks are not split (hf_striped.core.layout.blocks). Measured with
     # scripts/bench_schedule.py: this op's causal mode skips whole 512-key tiles only (about 256
     # wasted keys per row, a 2k block costs 0.62 of a full one), but its calls shorter than 768
     # queries use 64-row tiles and compute partly masked tiles in full, so diagonal pieces of
     # 128-512 tokens plus the extra merges cost as much or more (0.67-0.75 at 2k tokens).
-    causal_split = 0
+    capabilities = KernelCapabilities(float32_backward=True, causal_split=0)
+
+    def for_call(self) -> TorchCPUKernel:
+        return self
 
     def unsupported_reason(self, q, k, v):
         if q.device.type != "cpu":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import expand_kv, gqa_groups, reduce_kv_grad
+from .base import KernelCapabilities, expand_kv, gqa_groups, reduce_kv_grad
 
 aten = torch.ops.aten
 
@@ -22,9 +22,13 @@ def _cuda_reason(q):
 
 
 class _TorchCUDAKernel:
-    """Shared GQA handling and log-sum-exp shape bookkeeping for the aten CUDA ops."""
+    """Shared GQA handling and log-sum-exp shape bookkeeping for the aten CUDA ops.
+
+    The bookkeeping (see ``__init__``) is per ring call: :meth:`for_call` gives every call a
+    fresh instance, so the shared instance in ``KERNELS`` never holds a call's state."""
 
     name = "torch_cuda"
+    capabilities = KernelCapabilities()
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
     max_head_dim = 256
 
@@ -34,6 +38,9 @@ class _TorchCUDAKernel:
         # query length; with dropout 0 they are the same for every call of one shape.
         self._lse_shape: dict[int, tuple[int, ...]] = {}
         self._extras: dict[int, tuple] = {}
+
+    def for_call(self) -> _TorchCUDAKernel:
+        return type(self)()
 
     def unsupported_reason(self, q, k, v):
         reason = _cuda_reason(q)

@@ -6,21 +6,19 @@ exact; the auxiliary term differs, so it warns once."""
 
 from __future__ import annotations
 
-import warnings
+from ..log import warn_once
 
 LIMITATION = "router aux loss (output_router_logits=True) is per rank (warns once); the LM loss is exact"
-_warned: set[str] = set()
 
 
 def check(config) -> None:
     model_type = getattr(config, "model_type", "?")
-    if getattr(config, "output_router_logits", False) and model_type not in _warned:
-        _warned.add(model_type)
-        warnings.warn(
+    if getattr(config, "output_router_logits", False):
+        warn_once(
             f"hf_striped: {model_type} with output_router_logits=True computes its router load-balancing "
             "loss from this rank's tokens only, which is not the single-process auxiliary loss (the "
             "language-model loss and its gradients are exact). Set output_router_logits=False or accept "
             "the approximation.",
-            RuntimeWarning,
-            stacklevel=4,
+            key=("moe aux loss", model_type),
+            stacklevel=3,
         )

@@ -23,10 +23,10 @@ The README's "Supported models" table is generated from this module
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+from ..log import warn_once
 from . import moe, rope
 
 Status = Literal["supported", "limited", "refused"]
@@ -151,9 +151,6 @@ UNTESTED: tuple[str, ...] = (
     "vaultgemma", "whisper", "xlm-roberta", "xlm-roberta-xl", "xmod", "youtu", "zaya",
 )
 
-_warned: set[str] = set()
-
-
 def windows_reach_attention(config) -> bool:
     """Whether ``config``'s family hands its sliding windows to the attention function (so a
     window the mask function sees will be applied by the ring, not dropped)."""
@@ -175,17 +172,14 @@ def check_model(config) -> None:
     model_type = getattr(config, "model_type", None)
     family = REGISTRY.get(model_type)
     if family is None:
-        if model_type not in _warned:
-            _warned.add(model_type)
-            listed = "is listed as untested" if model_type in UNTESTED else "is not in the registry"
-            warnings.warn(
-                f"hf_striped: model_type {model_type!r} {listed} (hf_striped.patches.registry). Attention "
-                "features the ring cannot do still raise, but layers that mix tokens outside attention "
-                "would silently see only this rank's tokens. Compare one batch against a single process "
-                "before training.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        listed = "is listed as untested" if model_type in UNTESTED else "is not in the registry"
+        warn_once(
+            f"hf_striped: model_type {model_type!r} {listed} (hf_striped.patches.registry). Attention "
+            "features the ring cannot do still raise, but layers that mix tokens outside attention "
+            "would silently see only this rank's tokens. Compare one batch against a single process "
+            "before training.",
+            key=("untested family", model_type),
+        )
         for check in (rope.check,):
             check(config)
         return

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: results are data (DESIGN.md section 8), one CSV row per
+"""Shared by the benchmark scripts: results are data, one CSV row per
 measured figure with the date, hardware, versions, variant and shape it belongs to."""
 
 from __future__ import annotations

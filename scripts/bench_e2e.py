@@ -32,26 +32,20 @@ import time
 import torch
 import torch.distributed as dist
 
+from hf_striped.core.guards import all_reduce, barrier
+
 from bench_common import RESULTS, Recorder, add_llama_args, llama_config, median, shape_str, spawn_ranks
 
 
 class _WaitTimer:
-    """Accumulates the wall time the ring spends in ``hf_striped.core.transport._wait`` (blocked on
-    receives), by wrapping that module function for the duration of the benchmark."""
+    """Accumulates the wall time the ring spends blocked on receives, through the ring's
+    ``on_wait`` hook (``hf_striped.RingHooks``)."""
 
     def __init__(self):
-        import hf_striped.core.transport as transport
+        self.total = 0.0
 
-        self.mod, self.orig, self.total = transport, transport._wait, 0.0
-
-        def timed_wait(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return self.orig(*args, **kwargs)
-            finally:
-                self.total += time.perf_counter() - t0
-
-        transport._wait = timed_wait
+    def add(self, seconds: float) -> None:
+        self.total += seconds
 
     def take(self) -> float:
         t, self.total = self.total, 0.0
@@ -80,18 +74,20 @@ def _worker(rank, world, port, args, queue):
     pos = torch.arange(n, device=device).expand(args.batch, -1)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     waits = _WaitTimer()
+    hooks = hf_striped.RingHooks(on_wait=waits.add)
     layouts = list(args.layouts)
     stats = {lay: {"step": [], "wait": [], "allreduce": [], "cpu": []} for lay in layouts}
     for rnd in range(args.warmup + args.steps):
         order = layouts[rnd % len(layouts):] + layouts[: rnd % len(layouts)]
         for lay in order:
             lids, lpos, llab = (hf_striped.shard(t, dim=1, group=group, layout=lay) for t in (ids, pos, labels))
-            dist.barrier()
+            barrier(what="the benchmark's step start")
             sync()
             waits.take()
             c0 = time.thread_time()
             t0 = time.perf_counter()
-            with hf_striped.context_parallel(group, layout=lay, backend=args.backend):
+            with hf_striped.context_parallel(group, options=hf_striped.RingOptions(layout=lay, backend=args.backend,
+                                                                                   hooks=hooks)):
                 logits = model(input_ids=lids, position_ids=lpos, use_cache=False).logits
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), llab.flatten(),
                                                          ignore_index=-100, reduction="sum") / (n - 1)
@@ -101,7 +97,7 @@ def _worker(rank, world, port, args, queue):
             cpu = time.thread_time() - c0
             t1 = time.perf_counter()
             for p in model.parameters():  # plain gradient sum over the CP group
-                dist.all_reduce(p.grad)
+                all_reduce(p.grad, what="the benchmark's gradient sum")
             sync()
             t2 = time.perf_counter()
             opt.step()
@@ -115,7 +111,7 @@ def _worker(rank, world, port, args, queue):
                 stats[lay]["cpu"].append(cpu)
             del logits, loss
     queue.put((rank, stats))
-    dist.barrier()
+    barrier(what="the benchmark's end")
     dist.destroy_process_group()
 
 

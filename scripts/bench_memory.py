@@ -23,6 +23,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from hf_striped.core.guards import all_reduce, barrier
+
 from bench_common import RESULTS, Recorder, add_llama_args, llama_config, shape_str, spawn_ranks
 
 
@@ -62,13 +64,13 @@ def _worker(rank, world, port, args, queue):
     cap = args.cap_mib * 2**20
     while world * c <= args.max_tokens:
         peak = torch.tensor([_step_peak(model, world * c, group, args.layout, args.vocab)], dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # every rank takes the same decision
+        all_reduce(peak, what="the benchmark's peak memory", op="max")  # every rank takes the same decision
         res["cap"].append((world * c, int(peak)))
         if peak.item() > cap:
             break
         c *= 2
     queue.put((rank, res))
-    dist.barrier()
+    barrier(what="the benchmark's end")
     dist.destroy_process_group()
 
 

@@ -25,6 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hf_striped.core.guards import all_reduce, barrier
+
+_BASELINE_WAIT_S = 3600.0
+"""How long ranks other than 0 wait for rank 0's single-process baseline run (seconds)."""
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,15 +90,15 @@ def run(rank: int, world: int, args) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="striped_ring", dtype=torch.float32).eval()
     local_ids = hf_striped.shard(ids, dim=1, group=group, layout=args.layout)
     positions = hf_striped.shard(torch.arange(n).expand(b, -1), dim=1, group=group, layout=args.layout)
-    dist.barrier()
+    barrier(what="the demo's start")
     start = time.perf_counter()
     with torch.no_grad(), hf_striped.context_parallel(group, layout=args.layout):
         local_logits = model(input_ids=local_ids, position_ids=positions, use_cache=False).logits
     cp_seconds = torch.tensor(time.perf_counter() - start)
-    dist.all_reduce(cp_seconds, op=dist.ReduceOp.MAX)  # the group is as slow as its slowest rank
+    all_reduce(cp_seconds, what="the demo's timing", op="max")  # the group is as slow as its slowest rank
     logits = hf_striped.unshard(local_logits, dim=1, group=group, layout=args.layout)
-    if rank != 0:
-        dist.barrier()
+    if rank != 0:  # waits while rank 0 runs the single-process baseline
+        barrier(what="the demo's end (rank 0 runs the single-process baseline meanwhile)", timeout=_BASELINE_WAIT_S)
         return
 
     torch.set_num_threads(cores)  # the single-process baseline gets every core
@@ -132,7 +137,7 @@ def run(rank: int, world: int, args) -> None:
     print(f"  top-1 prediction agreement        {100 * result['top1_agreement']:.2f} %")
     print(f"  forward time CP ({world} procs) / single ({cores} threads)  {result['cp_forward_seconds']:.2f} s / {single_seconds:.2f} s")
     print(f"  written to {args.output / 'result.json'}")
-    dist.barrier()
+    barrier(what="the demo's end (rank 0 runs the single-process baseline meanwhile)", timeout=_BASELINE_WAIT_S)
     if not result["ok"]:
         raise SystemExit(f"FAILED: CP logits differ from single-process logits by {result['max_abs_logit_diff']:.3e}")
 

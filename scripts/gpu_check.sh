@@ -19,7 +19,7 @@ python -m pip install -q pytest hypothesis >/dev/null 2>&1 || true
 cat "$OUT/hardware.txt"
 (cd tests && timeout 540 pytest -m cuda -q -rA -s test_kernels.py test_ring_exactness.py 2>&1) | tee "$OUT/pytest_cuda.txt"
 tests_rc=${PIPESTATUS[0]}
-# Schedule benchmark with the CUDA kernels (issue 4): bf16, head_dim 128, 32 heads / 8 KV heads,
+# Schedule benchmark with the CUDA kernels: bf16, head_dim 128, 32 heads / 8 KV heads,
 # P = 8 virtual ranks, 4k / 16k / 64k tokens per rank, forward and forward + backward. Rows (with
 # the GPU named in the hardware column) go to $OUT/schedule_cuda.csv; plot them with
 # python scripts/plot_benchmarks.py --results <folder holding schedule.csv> --heatmap 8 16384

@@ -231,3 +231,21 @@ def unshard_feature_results(per_rank, i, layout, with_sinks):
         ours["dsinks"] = sum(r[i]["dsinks"].double() for r in per_rank)
         names.append("dsinks")
     return ours, names
+
+
+def agreement(rank, world, case):
+    """One call of ``hf_striped.core.guards.agree`` on a real group, counting its collectives.
+    ``case``: "same" (equal fields), "differ" (rank 1's "b" differs) or "refuse" (rank 1 passes an
+    error). Returns what the rank got: ("verdict", lo, hi) or (exception name, message)."""
+    from hf_striped.core.guards import agree
+
+    fields = {"a": 7, "b": 100 + (rank == 1 and case == "differ")}
+    error = ValueError("rank 1 refuses its inputs") if rank == 1 and case == "refuse" else None
+    with _CommSpy() as spy:
+        try:
+            verdict = agree(dist.group.WORLD, fields, what="the test's agreement", timeout=30, error=error,
+                            peer_error=lambda r: RuntimeError(f"peer {r} refused"))
+            got = ("verdict", verdict.lo, verdict.hi, verdict.differing())
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            got = (type(exc).__name__, str(exc))
+    return got, spy.collectives

@@ -1,4 +1,4 @@
-"""The exactness rule of DESIGN.md section 6 (from flash-attention's test suite):
+"""The exactness rule of docs/design.md section 9 (from flash-attention's test suite):
 
     max|ours - ref| <= 2 * max|plain - ref| + 1e-5
 

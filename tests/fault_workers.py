@@ -13,20 +13,15 @@ import time
 import traceback
 
 
-def _die_at(phase: str, step: int, how: str) -> None:
-    """Make this process die or stall when its ring reaches ``step`` of ``phase``: fault
-    injection by wrapping the schedule's per-step compute function in this process only."""
-    from hf_striped.core import schedule
+def _die_at(phase: str, step: int, how: str):
+    """Ring hooks that make this process die or stall when its ring reaches ``step`` of ``phase``."""
+    from hf_striped import RingHooks
 
-    name = "forward_step" if phase == "forward" else "backward_step"
-    original = getattr(schedule, name)
-
-    def hooked(*args, **kwargs):
-        if kwargs.get("step") == step:
+    def on_step(phase_: str, step_: int, _name) -> None:
+        if phase_ == phase and step_ == step:
             os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        return original(*args, **kwargs)
 
-    setattr(schedule, name, hooked)
+    return RingHooks(on_step=on_step)
 
 
 def ring_fault_worker(rank: int, world: int, port: int, victim: int, phase: str, step: int, how: str,
@@ -38,19 +33,18 @@ def ring_fault_worker(rank: int, world: int, port: int, victim: int, phase: str,
     # The process group's own timeout is long: what must end the wait is hf_striped's.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
-    from hf_striped import ring_attention
+    from hf_striped import RingOptions, ring_attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 64, 4, 16, requires_grad=True)
     k = torch.randn(1, 64, 2, 16, requires_grad=True)
     v = torch.randn(1, 64, 2, 16, requires_grad=True)
     ring_attention(q, k, v, group=dist.group.WORLD, timeout=timeout).sum().backward()  # a clean round first
-    if rank == victim:
-        _die_at(phase, step, how)
+    options = RingOptions(timeout=timeout, hooks=_die_at(phase, step, how) if rank == victim else None)
     t0 = time.monotonic()
     report = {"rank": rank}
     try:
-        ring_attention(q, k, v, group=dist.group.WORLD, timeout=timeout).sum().backward()
+        ring_attention(q, k, v, group=dist.group.WORLD, options=options).sum().backward()
         report["raised"] = None
     except Exception as exc:  # noqa: BLE001 - reported to the test
         report.update(raised=type(exc).__name__, message=str(exc), phase=getattr(exc, "phase", None),
@@ -85,33 +79,19 @@ def mismatched_qkv(rank: int, world: int, field: str):
     return None, "", time.monotonic() - t0
 
 
-def _poison(phase: str, step: int, layer: int) -> None:
-    """From now on, in this process, the block results of ring ``step`` of ``phase`` in the
-    attention of ``layer`` carry a NaN when the finite guard looks at them (as if the kernel had
-    produced one)."""
-    from hf_striped.core import schedule
+def _poison(phase: str, step: int, layer: int):
+    """Ring hooks under which the block results of ring ``step`` of ``phase`` in the attention
+    of ``layer`` carry a NaN when the finite guard looks at them (as if the kernel had produced
+    one)."""
+    from hf_striped import RingHooks
 
-    name = "forward_step" if phase == "forward" else "backward_step"
-    original = getattr(schedule, name)
+    def on_block(phase_: str, step_: int, name, results: dict) -> None:
+        if phase_ == phase and step_ == step and (name or "").endswith(f"layer {layer}"):
+            first = next(iter(results))
+            results[first] = results[first].clone()  # the guard's view only
+            results[first].view(-1)[7] = float("nan")
 
-    class Poisoned:
-        def __init__(self, guard):
-            self.guard = guard
-
-        def block(self, phase_, step_, source_, lse=None, **tensors):
-            first = next(iter(tensors))
-            tensors[first] = tensors[first].clone()
-            tensors[first].view(-1)[7] = float("nan")
-            return self.guard.block(phase_, step_, source_, lse=lse, **tensors)
-
-    def hooked(*args, **kwargs):
-        guard = kwargs.get("guard")
-        if guard is not None and kwargs.get("step") == step and (guard.name or "").endswith(f"layer {layer}"):
-            kwargs["guard"] = Poisoned(guard)
-        return original(*args, **kwargs)
-
-    setattr(schedule, name, hooked)
-    return lambda: setattr(schedule, name, original)
+    return RingHooks(on_block=on_block)
 
 
 def nan_in_block(rank: int, world: int, model_dir: str, phase: str, victim: int, step: int, layer: int):
@@ -131,17 +111,16 @@ def nan_in_block(rank: int, world: int, model_dir: str, phase: str, victim: int,
     group = dist.group.WORLD
     local = hf_striped.shard(ids, dim=1, group=group)
     local_pos = hf_striped.shard(pos, dim=1, group=group)
-    undo = _poison(phase, step, layer) if rank == victim else (lambda: None)
+    options = hf_striped.RingOptions(check_finite=True, timeout=5,
+                                      hooks=_poison(phase, step, layer) if rank == victim else None)
     t0 = time.monotonic()
     try:
-        with hf_striped.context_parallel(group, check_finite=True, train_step=7, timeout=5):
+        with hf_striped.context_parallel(group, options=options, train_step=7):
             out = model(input_ids=local, position_ids=local_pos, use_cache=False)
             out.logits.float().pow(2).mean().backward()
     except Exception as exc:  # noqa: BLE001
         return dict(raised=type(exc).__name__, message=str(exc), seconds=time.monotonic() - t0,
                     **{k: getattr(exc, k, None) for k in ("rank", "step", "train_step", "where")})
-    finally:
-        undo()  # the pool's processes run later tests
     return dict(raised=None, seconds=time.monotonic() - t0)
 
 

@@ -1,7 +1,7 @@
-"""Bad input: one test per item of issue 6 item 1, each checking the exception type and that the
+"""Bad input: one test per kind of bad input listed below, each checking the exception type and that the
 message says how to fix the input (``match=`` on the fix, not only on the problem).
 
-Issue item -> test:
+Bad input -> test:
 
 * CP size that does not divide the world size -> ``test_cp_size_that_does_not_divide_the_world``,
   ``test_cp_size_without_a_process_group``
@@ -9,7 +9,7 @@ Issue item -> test:
 * lengths the collator must pad -> ``test_collator_pads_to_what_the_layout_needs``
 * batches that differ between the ranks of one CP group -> ``test_different_batches_in_one_cp_group``
 * missing position_ids inside a CP context -> ``test_missing_position_ids_raise_on_every_rank``
-* q/k/v mismatched across ranks -> covered in ring.py's own tests (not here)
+* q/k/v mismatched across ranks -> tests/test_guards.py (every rank raises)
 * dropout during training -> ``test_attention_dropout_in_training``
 * unsupported dtype for the chosen backend -> ``test_dtype_the_named_backend_cannot_run``,
   ``test_dtype_no_kernel_can_run``

@@ -199,7 +199,7 @@ def test_refused_families_fail_fast(monkeypatch):
     from transformers import Lfm2Config
 
     calls = []
-    monkeypatch.setattr(hf_striped.integration.attention, "ring_attention", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(hf_striped.integration.attention, "ring_attention_call", lambda *a, **k: calls.append(1))
     cfg = Lfm2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"])
     model = _striped(cfg)
@@ -305,9 +305,9 @@ def test_length_dependent_rope_is_refused(tmp_path):
 def test_router_aux_loss_warns_once_and_runs():
     from transformers import MixtralConfig
 
-    import hf_striped.patches.moe as moe
+    from hf_striped.log import reset_warnings
 
-    moe._warned.discard("mixtral")
+    reset_warnings()
     cfg = MixtralConfig(**{**BASE, "num_local_experts": 2, "num_experts_per_tok": 1, "output_router_logits": True})
     model = _striped(cfg)
     with pytest.warns(RuntimeWarning, match="router load-balancing loss"):
@@ -318,10 +318,10 @@ def test_router_aux_loss_warns_once_and_runs():
 
 
 def test_untested_and_unknown_families_warn_once_and_run():
-    import hf_striped.patches.registry as registry
+    from hf_striped.log import reset_warnings
 
     for model_type, listed in (("olmo", "listed as untested"), ("brand_new_arch", "not in the registry")):
-        registry._warned.discard(model_type)
+        reset_warnings()
         cfg = type("Cfg", (), {"model_type": model_type})()
         with pytest.warns(RuntimeWarning, match=listed):
             check_model(cfg)

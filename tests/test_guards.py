@@ -17,7 +17,8 @@ import torch
 
 import fault_workers
 import hf_striped
-from hf_striped.core.guards import NonFiniteError, resolve_check_finite, resolve_timeout
+from hf_striped.core.guards import NonFiniteError
+from hf_striped.core.options import resolve_check_finite, resolve_timeout
 from hf_striped.kernels import KERNELS
 from hf_striped.core.layout import shard_local
 
@@ -112,7 +113,7 @@ def test_rows_that_see_no_key_give_zeros_forward_and_backward():
     k = torch.randn(2, 16, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 16, 2, 8, dtype=torch.float64, requires_grad=True)
     band = (8, 12)  # row i sees keys j with i - 12 < j <= i - 8: rows 0..7 see nothing
-    banded = [kern for kern in KERNELS.values() if getattr(kern, "supports_band", False)]
+    banded = [kern for kern in KERNELS.values() if kern.capabilities.band]
     assert banded, "no kernel masks bands"
     for kern in banded:
         out, lse = kern.forward(q, k, v, True, 0.3, band=band)

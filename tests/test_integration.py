@@ -154,7 +154,7 @@ def test_mask_only_sliding_window_through_a_real_model(tmp_path):
 @pytest.mark.parametrize("where", ["kwarg", "module"])
 def test_sliding_window_is_applied_inside_context(where):
     """A window shorter than the sequence, passed as the sliding_window argument or set on the
-    module, is applied by the ring (formerly refused; exactness across ranks:
+    module, is applied by the ring (exactness across ranks:
     test_patches_windows.py)."""
     from hf_striped.kernels.reference import plain_attention
 
@@ -187,7 +187,7 @@ def test_mask_only_window_is_allowed_for_families_that_pass_it_to_attention():
 @pytest.mark.filterwarnings("ignore:hf_striped. attention logit soft-capping:RuntimeWarning")
 @pytest.mark.parametrize("kwargs", [dict(softcap=0.7), dict(s_aux=torch.linspace(-1, 2, 4)), dict(softcap=1.5, s_aux=torch.ones(4))])
 def test_softcap_and_sinks_run_inside_context(kwargs):
-    """Formerly refused; now computed by the ring (exactness across ranks: test_patches_attention.py)."""
+    """Soft-capping and sinks inside a context are computed by the ring (exactness across ranks: test_patches_attention.py)."""
     from hf_striped.kernels.reference import plain_attention
 
     with hf_striped.context_parallel(None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exactness import max_err
-from hf_striped import kernels
+from hf_striped.log import reset_warnings
 from hf_striped.kernels import KERNELS, select_kernel
 from hf_striped.kernels.reference import plain_attention
 
@@ -55,7 +55,7 @@ def test_named_backend_that_cannot_run_raises_and_names_auto(backend):
 
 def test_auto_falls_back_along_the_chain_with_one_warning(monkeypatch):
     """``auto`` still passes over a kernel that refuses the inputs, with a one-time warning."""
-    kernels._warned.clear()
+    reset_warnings()
     q, k, v, _ = _inputs(torch.float32)
     monkeypatch.setattr(KERNELS["torch_cpu"], "unsupported_reason", lambda *a: "head_dim 12 is not supported")
     with pytest.warns(RuntimeWarning, match="falling back to the 'reference' attention kernel: torch_cpu rejected"):

@@ -1,4 +1,4 @@
-"""The design card's layout: top-level kernels/ and patches/ folders ship *inside* the package
+"""The package layout (docs/design.md section 1): top-level kernels/ and patches/ folders ship *inside* the package
 namespace (hf_striped.kernels, hf_striped.patches), never as top-level modules that would clash
 with the Hugging Face ``kernels`` package."""
 

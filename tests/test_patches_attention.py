@@ -70,9 +70,9 @@ def test_softcap_and_sinks_exact_across_ranks(dist_pool, P):
 
 
 def test_softcap_warns_once_about_speed_and_bad_arguments_raise():
-    import hf_striped.core.ring as ring
+    from hf_striped.log import reset_warnings
 
-    ring._SOFTCAP_WARNED.clear()
+    reset_warnings()
     q, k, v, _ = Case(batch=1, seq=8).inputs()
     with pytest.warns(RuntimeWarning, match="soft-capping runs on the plain PyTorch 'reference' kernel"):
         hf_striped.ring_attention(q, k, v, softcap=2.0)
@@ -92,8 +92,8 @@ def test_reference_kernel_row_chunks_change_nothing(monkeypatch, mask):
     import hf_striped.kernels.reference as ref_module
 
     q, k, v, dout = Case(batch=2, seq=20, dtype=torch.float64).inputs()
-    kern = ref_module.ReferenceKernel(softcap=1.5)
-    kwargs = dict(band=(-3, 4)) if mask == "band" else {}
+    kern = ref_module.ReferenceKernel()
+    kwargs = dict(band=(-3, 4), softcap=1.5) if mask == "band" else dict(softcap=1.5)
     causal = mask == "causal"
     whole = kern.forward(q, k, v, causal, 0.3, **kwargs)
     whole_grads = kern.backward(dout, q, k, v, *whole, causal, 0.3, **kwargs)

@@ -1,6 +1,8 @@
-"""Causal blocks split into non-causal pieces plus small diagonal causal pieces (issue 4):
+"""Causal blocks split into non-causal pieces plus small diagonal causal pieces (docs/design.md section 3):
 the split must compute exactly the unsplit visibility, each score once, and the ring must stay
 exact with splitting active."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,11 +60,13 @@ def test_split_shape_for_a_power_of_two_block():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
 def test_ring_exact_with_split(monkeypatch, P, layout, dtype, split):
-    monkeypatch.setattr(TorchCPUKernel, "causal_split", split)
+    monkeypatch.setattr(TorchCPUKernel, "capabilities", replace(TorchCPUKernel.capabilities, causal_split=split))
     batches = []  # the batch size of every kernel call: > 2 means folded diagonal pieces ran
     forward, backward = TorchCPUKernel.forward, TorchCPUKernel.backward
-    monkeypatch.setattr(TorchCPUKernel, "forward", lambda self, q, *a: batches.append(q.shape[0]) or forward(self, q, *a))
-    monkeypatch.setattr(TorchCPUKernel, "backward", lambda self, o, q, *a: batches.append(q.shape[0]) or backward(self, o, q, *a))
+    monkeypatch.setattr(TorchCPUKernel, "forward",
+                        lambda self, q, *a, **kw: batches.append(q.shape[0]) or forward(self, q, *a, **kw))
+    monkeypatch.setattr(TorchCPUKernel, "backward",
+                        lambda self, o, q, *a, **kw: batches.append(q.shape[0]) or backward(self, o, q, *a, **kw))
     case = Case(batch=2, seq=P * 16, heads=6, kv_heads=2, head_dim=33, dtype=dtype, seed=P)
     q, k, v, dout = case.inputs()
     full = _inprocess(q, k, v, dout, P, layout, backend="torch_cpu")
@@ -74,7 +78,7 @@ def test_ring_exact_with_split(monkeypatch, P, layout, dtype, split):
 def test_ring_exact_with_split_non_contiguous_inputs(monkeypatch, layout):
     """Transformers hands over q/k/v as transposed views of [b, h, s, d]; batched pieces of
     such inputs are copies, the accumulators stay views."""
-    monkeypatch.setattr(TorchCPUKernel, "causal_split", 4)
+    monkeypatch.setattr(TorchCPUKernel, "capabilities", replace(TorchCPUKernel.capabilities, causal_split=4))
     case = Case(batch=2, seq=3 * 32, heads=4, kv_heads=4, head_dim=64, seed=7)
     q, k, v, dout = case.inputs()
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))

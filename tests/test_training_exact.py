@@ -1,6 +1,6 @@
 """Loss and gradients of context-parallel training equal one process on the same global batch.
 
-Criterion (issue: fp32 relative error <= 1e-5 on the loss, <= 1e-4 on gradients): for each
+Criterion (docs/design.md section 9: fp32 relative error <= 1e-5 on the loss, <= 1e-4 on gradients): for each
 parameter, max|g_cp - g_one| <= 1e-4 * max|g_one|; the loss: |l_cp - l_one| <= 1e-5 * |l_one|.
 """
 
@@ -79,9 +79,9 @@ def test_cp_step_equals_one_process(dist_pool, tiny_llama_dir, world, cp_size, l
 
 
 def test_cp_step_equals_one_process_smollm2(dist_pool, smollm2_dir):
-    """SmolLM2 (30 layers): the issue's 1e-4 gradient criterion sits at fp32's own noise floor
+    """SmolLM2 (30 layers): the 1e-4 gradient criterion sits at fp32's own noise floor
     here (one-process eager and sdpa differ by 1.3e-4 on the layer-0 norm weight for this batch),
-    so gradients follow DESIGN.md's rule instead: against a float64 one-process reference, our
+    so gradients follow the exactness rule (docs/design.md section 9) instead: against a float64 one-process reference, our
     worst parameter is at most 2x as far off as one-process fp32 sdpa's worst (+1e-6). The loss
     keeps 1e-5."""
     features = ragged_rows(2, 49152, (60, 96), seed=3)

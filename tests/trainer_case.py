@@ -61,7 +61,7 @@ def main():
             json.dump({"train_losses": losses, "eval_loss": metrics["eval_loss"]}, f)
     # End as the README's Trainer example does. A gloo process that exits with its process groups
     # still alive can abort in interpreter teardown ("terminate called without an active
-    # exception", SIGABRT: seen once in CI on the 4-process case; a known PyTorch teardown race).
+    # exception", SIGABRT; a PyTorch teardown race).
     trainer.accelerator.end_training()
 
 

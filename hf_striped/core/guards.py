@@ -1,17 +1,16 @@
-"""What keeps a failure loud and bounded: timeouts on every ring wait, errors that say where the
-ring stopped, a cross-rank agreement check, and the optional NaN/Inf guard.
+"""Every message hf_striped sends between processes, each with a deadline, and what keeps a
+failure loud and bounded. This is the only module that calls ``torch.distributed``'s
+communication functions.
 
-* **Timeouts.** A rank that dies mid-ring breaks its TCP/NCCL connections, and its peers fail at
-  once; a rank that *stalls* (deadlock elsewhere, a debugger, a swapped-out machine) would leave
-  them waiting forever. Every wait of the ring and of hf_striped's own collectives therefore has a
-  deadline: ``timeout`` seconds (``context_parallel(..., timeout=)``, ``ContextParallel(timeout=)``,
-  ``ring_attention(timeout=)``, ``scripts/train.py --timeout``), by default the environment
-  variable ``HF_STRIPED_TIMEOUT`` or :data:`DEFAULT_TIMEOUT_S`. It bounds how long one rank waits
-  for one message, so it must exceed the longest legitimate skew between ranks at a ring step
-  (one block's compute, plus whatever a rank does between two forwards that its peers do not).
-* **Agreement.** Ranks that call the ring with different shapes would send messages of different
-  sizes and hang or corrupt memory; one tiny all-reduce per call compares them first, and every
-  rank raises the same error.
+* **Deadlines.** A rank that dies mid-ring breaks its TCP/NCCL connections, and its peers fail
+  at once; a rank that *stalls* (deadlock elsewhere, a debugger, a swapped-out machine) would
+  leave them waiting forever. Every wait therefore has a deadline (``RingOptions.timeout``, see
+  :mod:`hf_striped.core.options`) and a failed one raises :class:`RingCommError` naming what it
+  waited for: the ring step and peer, or the collective.
+* **Agreement** (:func:`agree`). Every cross-rank check (shapes and settings of a ring call,
+  positions of a forward, a checkpoint phase, the batches of a CP group, the NaN guard's
+  verdict) is one fixed-size all-reduce of a few integers from which every rank reaches the
+  same verdict, so a bad input raises on every rank instead of leaving peers waiting.
 * **Finite guard** (``check_finite``, off by default, ``HF_STRIPED_CHECK_FINITE=1`` turns it on):
   every block's output and log-sum-exp (and gradient pieces in backward) is checked, and the
   first NaN/Inf raises :class:`NonFiniteError` naming the layer, rank, ring step and training step.
@@ -19,52 +18,16 @@ ring stopped, a cross-rank agreement check, and the optional NaN/Inf guard.
 
 from __future__ import annotations
 
-import os
 import re
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-ENV_TIMEOUT = "HF_STRIPED_TIMEOUT"
-ENV_CHECK_FINITE = "HF_STRIPED_CHECK_FINITE"
-DEFAULT_TIMEOUT_S = 600.0
-"""Default deadline for one ring wait, in seconds (NCCL's own default collective timeout)."""
-
-_HOW_TO_SET = (
-    f"Set the timeout with context_parallel(..., timeout=), ContextParallel(timeout=), ring_attention(timeout=), "
-    f"scripts/train.py --timeout, or the {ENV_TIMEOUT} environment variable (default {DEFAULT_TIMEOUT_S:g} s)."
-)
-
-
-def resolve_timeout(timeout: float | None) -> float:
-    """``timeout`` in seconds, or the ``HF_STRIPED_TIMEOUT`` environment variable, or the default."""
-    source = "timeout"
-    if timeout is None:
-        raw = os.environ.get(ENV_TIMEOUT)
-        if raw is None:
-            return DEFAULT_TIMEOUT_S
-        source = ENV_TIMEOUT
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise ValueError(f"{ENV_TIMEOUT}={raw!r} is not a number of seconds; set e.g. {ENV_TIMEOUT}=600") from None
-    if not timeout > 0 or timeout != timeout or timeout == float("inf"):
-        raise ValueError(f"{source} must be a positive, finite number of seconds; got {timeout!r}")
-    return float(timeout)
-
-
-def resolve_check_finite(flag: bool | None) -> bool:
-    """``flag``, or whether ``HF_STRIPED_CHECK_FINITE`` is set to 1/true/yes/on."""
-    if flag is not None:
-        return bool(flag)
-    raw = os.environ.get(ENV_CHECK_FINITE, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{ENV_CHECK_FINITE}={os.environ[ENV_CHECK_FINITE]!r}: set it to 1 (on) or 0 (off)")
+from .options import HOW_TO_SET_TIMEOUT, resolve_timeout
 
 
 class RingCommError(RuntimeError):
@@ -123,7 +86,7 @@ def _comm_error(what: str, exc: BaseException, elapsed: float, timeout: float, p
     else:
         why = (f"the connection failed after {elapsed:.1f} s ({_first_sentence(exc)}), so that process most "
                "likely died: check its log for the first error")
-    return RingCommError(f"{what} failed: {why}. {_HOW_TO_SET}", phase=phase, step=step, rank=rank,
+    return RingCommError(f"{what} failed: {why}. {HOW_TO_SET_TIMEOUT}", phase=phase, step=step, rank=rank,
                          peer=peer, timed_out=timed_out)
 
 
@@ -142,10 +105,11 @@ def collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def collective(fn, tensor: torch.Tensor, group, timeout: float | None, what: str, **kwargs) -> None:
-    """Run the collective ``fn(tensor, group=group, async_op=True, **kwargs)`` with a deadline;
-    failures raise :class:`RingCommError` naming ``what``."""
-    wait_work(fn(tensor, group=group, async_op=True, **kwargs), timeout, what, group)
+def _group_rank_size(group) -> tuple[int, int]:
+    """``(rank, size)`` in ``group`` (``None``: the default group); ``(0, 1)`` without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def wait_work(work, timeout: float | None, what: str, group=None) -> None:
@@ -155,6 +119,95 @@ def wait_work(work, timeout: float | None, what: str, group=None) -> None:
     rank = dist.get_rank()
     wait_all([work], time.monotonic() + timeout, lambda _i: f"{what} (global rank {rank})", timeout,
              phase=what, step=None, rank=rank, peers=[None], bounded=host_deadline(group))
+
+
+def all_reduce(tensor: torch.Tensor, group=None, *, what: str, timeout: float | None = None,
+               op: str = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` in place over ``group`` (``None``: every process) with a deadline;
+    ``op`` is ``"sum"`` or ``"max"``. Returns ``tensor``; alone, does nothing."""
+    if _group_rank_size(group)[1] == 1:
+        return tensor
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    wait_work(dist.all_reduce(tensor, op=reduce_op, group=group, async_op=True), timeout, what, group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group=None, *, what: str, timeout: float | None = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape everywhere), in rank order, with a deadline."""
+    world = _group_rank_size(group)[1]
+    if world == 1:
+        return [tensor]
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    wait_work(dist.all_gather(parts, tensor, group=group, async_op=True), timeout, what, group)
+    return parts
+
+
+def reduce_host(values: torch.Tensor, group=None, *, what: str, timeout: float | None = None,
+                op: str = "sum") -> torch.Tensor:
+    """:func:`all_reduce` of a small bookkeeping tensor: it travels on the group's collective
+    device (NCCL has no CPU backend) and comes back on the CPU, ``values`` left untouched."""
+    t = values.detach().to(collective_device(group), copy=True)
+    return all_reduce(t, group, what=what, timeout=timeout, op=op).cpu()
+
+
+def barrier(group=None, *, what: str, timeout: float | None = None) -> None:
+    """Wait until every rank of ``group`` gets here, with a deadline naming ``what``."""
+    reduce_host(torch.zeros(1, dtype=torch.int64), group, what=what, timeout=timeout)
+
+
+def exchange(tensors: tuple[torch.Tensor, ...], send_to: int, recv_from: int, group) -> tuple[list, tuple]:
+    """Post sends of ``tensors`` to global rank ``send_to`` and receives of the same shapes from
+    ``recv_from`` (one ``batch_isend_irecv``); returns ``(works, receive buffers)``. The caller
+    waits with :func:`wait_all`: posting returns at once, so transfers overlap compute."""
+    bufs = tuple(torch.empty_like(t) for t in tensors)
+    ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, b, recv_from, group) for b in bufs]
+    return dist.batch_isend_irecv(ops), bufs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :func:`agree` found: the group-wide minimum and maximum of every field."""
+
+    lo: dict[str, int]
+    hi: dict[str, int]
+
+    def same(self, name: str) -> bool:
+        """Whether every rank gave field ``name`` the same value."""
+        return self.lo[name] == self.hi[name]
+
+    def differing(self) -> list[str]:
+        """Fields on which the ranks differ, in the order given."""
+        return [n for n in self.lo if self.lo[n] != self.hi[n]]
+
+
+def agree(group, fields: Mapping[str, int], *, what: str, timeout: float | None = None,
+          error: BaseException | None = None,
+          peer_error: Callable[[int], BaseException] | None = None) -> Verdict:
+    """The agreement primitive every cross-rank check uses: one all-reduce (max of each value and
+    of its negation) of the integer ``fields`` (the same names on every rank), with a deadline.
+
+    ``error``: this rank's own checks refused its inputs. It is raised here, after the peers
+    have heard of it; every other rank raises ``peer_error(rank)`` (default: a ``RuntimeError``
+    naming that rank and ``what``), so no rank goes on to wait for one that stopped. When no rank
+    failed, returns the :class:`Verdict` (identical on every rank) for the caller to judge.
+    ``group=None``: every process. Alone, no message is sent."""
+    rank, world = _group_rank_size(group)
+    names = list(fields)
+    x = torch.tensor([int(fields[n]) for n in names] + [int(error is not None), rank + 1 if error else 0],
+                     dtype=torch.int64)
+    both = torch.cat([x, -x])
+    if world > 1:
+        both = reduce_host(both, group, what=what, timeout=timeout, op="max")
+    hi, lo = both[: len(x)].tolist(), (-both[len(x):]).tolist()
+    if error is not None:
+        raise error
+    if hi[-2]:
+        failed = hi[-1] - 1
+        raise (peer_error(failed) if peer_error is not None else RuntimeError(
+            f"{what}: rank {failed} failed (its error says why), so this rank stops too instead of waiting for it"))
+    return Verdict(lo=dict(zip(names, lo)), hi=dict(zip(names, hi)))
 
 
 class FiniteGuard:
@@ -232,17 +285,14 @@ class FiniteGuard:
         integers), and all raise if any did. Alone (``group`` of one) just raises."""
         if self.world_size == 1 or group is None:
             return self.raise_if_found()
-        code = torch.zeros(self.world_size, dtype=torch.int64)
-        if self.finding is not None:
-            code[self.rank] = 1 if self.finding[1] is None else self.finding[1] + 2
-        code = code.to(collective_device(group))
-        collective(dist.all_reduce, code, group, timeout, f"hf_striped's NaN/Inf check ({self.name or 'ring attention'})",
-                   op=dist.ReduceOp.MAX)
-        code = code.cpu()
+        mine = 0 if self.finding is None else 1 if self.finding[1] is None else self.finding[1] + 2
+        verdict = agree(group, {f"rank {r}": mine if r == self.rank else 0 for r in range(self.world_size)},
+                        what=f"hf_striped's NaN/Inf check ({self.name or 'ring attention'})", timeout=timeout)
         self.raise_if_found()
-        bad = [r for r in range(self.world_size) if int(code[r])]
+        code = [verdict.hi[f"rank {r}"] for r in range(self.world_size)]
+        bad = [r for r in range(self.world_size) if code[r]]
         if bad:
-            r, c = bad[0], int(code[bad[0]])
+            r, c = bad[0], code[bad[0]]
             step = None if c == 1 else c - 2
             where = self._where(phase, step, None, rank=r)
             raise NonFiniteError(

@@ -1,7 +1,7 @@
 """How a full-length sequence is split over the P ranks of a context-parallel group, and which
 part of each (query rank, key/value source rank) block is visible under causal attention.
 
-Notation (DESIGN.md section 3): sequence length N = P * c, rank r holds c tokens.
+Notation (docs/design.md section 2): sequence length N = P * c, rank r holds c tokens.
 
 * ``striped``: rank r holds global tokens r, r + P, r + 2P, ... (local j is global j * P + r).
 * ``contiguous``: rank r holds [r * c, (r + 1) * c) (the original Ring Attention).

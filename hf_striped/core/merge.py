@@ -30,9 +30,9 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     total = w_old + w_new
     touched = w_new > 0
     # o' = a * o + b * o_b with a + b = 1 is one fused pass: o' = lerp(o, o_b, b). It is the
-    # whole merge cost of a split causal block (several merges per row and step), where the
-    # unfused form (five temporaries the size of `out`) cost ~10% of a full 2k-token kernel call
-    # on the CPU. Untouched rows get b = 0 and an end point equal to o itself, so they stay bit
+    # whole merge cost of a split causal block (several merges per row and step); an unfused
+    # form needs five temporaries the size of `out` (on the CPU about 10% of a full 2k-token
+    # kernel call, against about 3% for this pass). Untouched rows get b = 0 and an end point equal to o itself, so they stay bit
     # for bit; on the CPU a cheap all() check skips that masking in the common all-touched case.
     b = (w_new / torch.where(touched, total, torch.ones_like(total))).transpose(1, 2).unsqueeze(-1)
     block_out = block_out.to(out.dtype)

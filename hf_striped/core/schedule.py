@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+from typing import Any
+
 from .layout import Block, blocks
 from .merge import merge_
 from .transport import Post, Schedule, Wait
@@ -24,31 +27,42 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_BAND_KERNEL = None
+@dataclass(frozen=True)
+class Watch:
+    """What looks at one rank's ring steps: the finite guard
+    (:class:`hf_striped.core.guards.FiniteGuard`) and the hooks
+    (:class:`hf_striped.core.options.RingHooks`); either may be ``None``."""
+
+    guard: Any = None
+    hooks: Any = None
+    name: str | None = None
+
+    def step(self, phase: str, step: int) -> None:
+        if self.hooks is not None and self.hooks.on_step is not None:
+            self.hooks.on_step(phase, step, self.name)
+
+    def block(self, phase: str, step: int, source: int, results: dict, lse=None) -> None:
+        if self.hooks is not None and self.hooks.on_block is not None:
+            self.hooks.on_block(phase, step, self.name, results)
+        if self.guard is not None:
+            self.guard.block(phase, step, source, lse=lse, **results)
 
 
-def block_kernel(kernel, blk: Block):
-    """The kernel for one call: ``kernel`` itself unless the call is a sliding-window band that
-    ``kernel`` cannot mask (``supports_band``); then the plain reference kernel, which can
-    (ring.py warns once about its speed)."""
-    global _BAND_KERNEL
-    if blk.band is None or getattr(kernel, "supports_band", False):
-        return kernel
-    if _BAND_KERNEL is None:
-        from ..kernels.reference import ReferenceKernel
-
-        _BAND_KERNEL = ReferenceKernel()
-    return _BAND_KERNEL
+_UNWATCHED = Watch()
 
 
-def _band(blk: Block) -> dict:
-    return {} if blk.band is None else {"band": blk.band}
+def _features(blk: Block, softcap: float | None) -> dict:
+    """The keyword features of one kernel call (only those it uses: see ``KernelCapabilities``)."""
+    out = {} if blk.band is None else {"band": blk.band}
+    if softcap is not None:
+        out["softcap"] = softcap
+    return out
 
 
-def kernel_split(kernel, split: int | None = None) -> int:
-    """The causal split (see :func:`hf_striped.core.layout.blocks`) to use with ``kernel``: ``split``
-    if given, else the kernel's ``causal_split`` attribute (0, no split, when it has none)."""
-    return int(getattr(kernel, "causal_split", 0)) if split is None else int(split)
+def kernel_split(kernels, split: int | None = None) -> int:
+    """The causal split (see :func:`hf_striped.core.layout.blocks`) to use with ``kernels`` (a
+    ``KernelChain``): ``split`` if given, else what its first kernel declares."""
+    return int(kernels.capabilities.causal_split) if split is None else int(split)
 
 
 def _rows(x: torch.Tensor, sl: slice, blk: Block) -> torch.Tensor:
@@ -78,21 +92,22 @@ def _lse_rows(lse: torch.Tensor, sl: slice, blk: Block) -> torch.Tensor:
     return _rows(lse.transpose(1, 2), sl, blk).transpose(1, 2)
 
 
-def forward_step(q, k, v, out, lse_t, blks: list[Block], kernel, scale: float, *, guard=None, step: int = 0,
-                 source: int = 0) -> None:
+def forward_step(q, k, v, out, lse_t, blks: list[Block], kernels, scale: float, *, softcap: float | None = None,
+                 watch: Watch = _UNWATCHED, step: int = 0, source: int = 0) -> None:
     """Fold one K/V block (the kernel calls ``blks``) into the running result, in place.
 
     ``q`` ``[b, c, h, d]``; ``k``/``v`` ``[b, c, hk, d]``; ``out`` ``[b, c, h, d]`` and ``lse_t``
     ``[b, c, h]`` (the log-sum-exp stored sequence-major, so batched pieces fold as views) are
     contiguous float32/float64 accumulators. This is the whole compute of one ring step; the
-    benchmark times it per (rank, step). ``guard`` (:class:`hf_striped.core.guards.FiniteGuard`)
-    checks every block's result, reported as ring ``step`` with K/V from rank ``source``."""
+    benchmark times it per (rank, step). ``kernels``: a ``KernelChain`` (each block goes to the
+    kernel that can compute it). ``watch`` sees every block's result, reported as ring ``step``
+    with K/V from rank ``source``."""
     for blk in blks:
-        o_b, lse_b = block_kernel(kernel, blk).forward(
-            _rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale, **_band(blk)
+        o_b, lse_b = kernels.for_block(blk.band).forward(
+            _rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale,
+            **_features(blk, softcap),
         )
-        if guard is not None:
-            guard.block("forward", step, source, lse=lse_b, **{"the block output": o_b})
+        watch.block("forward", step, source, {"the block output": o_b}, lse=lse_b)
         merge_(_target(out, blk.q, blk), _target(lse_t, blk.q, blk).transpose(1, 2), o_b, lse_b)
 
 
@@ -107,15 +122,15 @@ def _accumulate(total, part, blk: Block, only: bool, shape, dtype):
     return total
 
 
-def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale: float, acc: torch.dtype, *,
-                  guard=None, step: int = 0, source: int = 0):
+def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernels, scale: float, acc: torch.dtype, *,
+                  softcap: float | None = None, watch: Watch = _UNWATCHED, step: int = 0, source: int = 0):
     """One ring step's backward: adds this K/V block's share to ``dq`` (contiguous, ``acc``
     dtype) in place and returns its partial ``(dk, dv)`` (``None`` when nothing is visible).
     ``out``/``lse`` are the final output and log-sum-exp ``[b, h, c]`` of the local rows."""
     dk = dv = None
     only = len(blks) == 1
     for blk in blks:
-        dq_b, dk_b, dv_b = block_kernel(kernel, blk).backward(
+        dq_b, dk_b, dv_b = kernels.for_block(blk.band).backward(
             _rows(dout, blk.q, blk),
             _rows(q, blk.q, blk),
             _rows(k, blk.k, blk),
@@ -124,39 +139,47 @@ def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernel, scale:
             _lse_rows(lse, blk.q, blk),
             blk.causal,
             scale,
-            **_band(blk),
+            **_features(blk, softcap),
         )
-        if guard is not None:
-            guard.block("backward", step, source, **{"the block's dq": dq_b, "dk": dk_b, "dv": dv_b})
+        watch.block("backward", step, source, {"the block's dq": dq_b, "dk": dk_b, "dv": dv_b})
         _target(dq, blk.q, blk).add_(dq_b)
         dk = _accumulate(dk, dk_b, blk, only, k.shape, acc)
         dv = _accumulate(dv, dv_b, blk, only, v.shape, acc)
     return dk, dv
 
 
-def forward_schedule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    rank: int,
-    world_size: int,
-    layout: str,
-    causal: bool,
-    scale: float,
-    kernel,
-    split: int | None = None,
-    window: int | None = None,
-    guard=None,
-) -> Schedule:
+@dataclass(frozen=True, kw_only=True)
+class RingPlan:
+    """One rank's view of a ring pass: everything its schedule needs besides the tensors."""
+
+    rank: int
+    world_size: int
+    layout: str
+    causal: bool
+    scale: float
+    kernels: Any
+    """The call's ``KernelChain`` (each block goes to the kernel that can compute it)."""
+    split: int | None = None
+    """Causal split of the blocks (default: what the first kernel declares)."""
+    window: int | None = None
+    """Sliding window in tokens (``None``: plain causal), see ``layout.blocks``."""
+    softcap: float | None = None
+    """Logit soft-capping (the chain must start with a kernel that can)."""
+    watch: Watch = _UNWATCHED
+    """The finite guard and hooks that see every step and block."""
+
+    def blocks(self, source: int, c: int) -> list[Block]:
+        """The kernel calls of the (this rank, ``source``) block of ``c`` tokens per rank."""
+        return blocks(self.layout, self.rank, source, self.world_size, c, self.causal,
+                      split=kernel_split(self.kernels, self.split), window=self.window)
+
+
+def forward_schedule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> Schedule:
     """One rank's forward ring. Returns ``(out, lse)``: the merged output ``[b, c, h, d]`` and
-    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype.
-    ``split``: causal split of the blocks (default: the kernel's ``causal_split``).
-    ``window``: sliding window in tokens (``None``: plain causal), see ``layout.blocks``.
-    ``guard``: a :class:`hf_striped.core.guards.FiniteGuard` that checks every block (optional)."""
+    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype."""
+    rank, world_size, watch = plan.rank, plan.world_size, plan.watch
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
-    split = kernel_split(kernel, split)
     out = torch.zeros(b, c, h, v.shape[-1], dtype=acc, device=q.device)
     lse_t = torch.full((b, c, h), float("-inf"), dtype=acc, device=q.device)
     kv = (k, v)
@@ -165,35 +188,21 @@ def forward_schedule(
         if not last:
             ticket = yield Post(kv, "K/V", step)
         source = (rank - step) % world_size
-        forward_step(q, kv[0], kv[1], out, lse_t, blocks(layout, rank, source, world_size, c, causal, split=split, window=window),
-                     kernel, scale, guard=guard, step=step, source=source)
+        watch.step("forward", step)
+        forward_step(q, kv[0], kv[1], out, lse_t, plan.blocks(source, c), plan.kernels, plan.scale,
+                     softcap=plan.softcap, watch=watch, step=step, source=source)
         if not last:
             kv = yield Wait(ticket)
     return out, lse_t.transpose(1, 2).contiguous()
 
 
-def backward_schedule(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    *,
-    rank: int,
-    world_size: int,
-    layout: str,
-    causal: bool,
-    scale: float,
-    kernel,
-    split: int | None = None,
-    window: int | None = None,
-    guard=None,
-) -> Schedule:
-    """One rank's backward ring. Returns ``(dq, dk, dv)`` in the dtypes of q, k, v."""
+def backward_schedule(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, plan: RingPlan) -> Schedule:
+    """One rank's backward ring, given the final ``out`` and ``lse`` ``[b, h, c]`` of its rows.
+    Returns ``(dq, dk, dv)`` in the dtypes of q, k, v."""
+    rank, world_size, watch = plan.rank, plan.world_size, plan.watch
     c = q.shape[1]
     acc = _acc_dtype(q.dtype)
-    split = kernel_split(kernel, split)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = (k, v)
     dkv_ticket = None
@@ -202,9 +211,9 @@ def backward_schedule(
         if not last:
             kv_ticket = yield Post(kv, "K/V", step)
         source = (rank - step) % world_size
-        blks = blocks(layout, rank, source, world_size, c, causal, split=split, window=window)
-        dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, blks, kernel, scale, acc, guard=guard, step=step,
-                               source=source)
+        watch.step("backward", step)
+        dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, plan.blocks(source, c), plan.kernels, plan.scale,
+                               acc, softcap=plan.softcap, watch=watch, step=step, source=source)
         if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
             dk = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)

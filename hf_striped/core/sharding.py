@@ -5,29 +5,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .guards import all_gather, all_reduce
 from .layout import check_layout, shard_local, unshard_local
+from .options import resolve_timeout
 from .ring import group_rank_size
 
 
 class _AllGather(torch.autograd.Function):
     """All-gather along a new leading dim, hand-written so its gradient is known to be exact
-    (DESIGN.md section 6): the gradient of our part is the sum, over ranks, of what each rank's
-    copy of the result sent back to it."""
+    (tested against one process: gradients through ``torch.distributed.nn.functional.all_gather``
+    came back wrong for some GQA-shaped tensors on gloo): the gradient of our part is the sum,
+    over ranks, of what each rank's copy of the result sent back to it."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        world = dist.get_world_size(group)
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x, group=group)
-        ctx.group, ctx.rank = group, dist.get_rank(group)
+    def forward(ctx, x, group, timeout):
+        parts = all_gather(x, group, what="hf_striped.unshard's all-gather", timeout=timeout)
+        ctx.group, ctx.rank, ctx.timeout = group, dist.get_rank(group), timeout
         return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank], None
+        all_reduce(grad, ctx.group, what="the gradient of hf_striped.unshard's all-gather", timeout=ctx.timeout)
+        return grad[ctx.rank], None, None
 
 
 def shard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None, layout: str = "striped") -> torch.Tensor:
@@ -41,16 +41,18 @@ def shard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None, 
     return shard_local(x, dim, layout, rank, world)
 
 
-def unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None, layout: str = "striped") -> torch.Tensor:
+def unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None, layout: str = "striped",
+            timeout: float | None = None) -> torch.Tensor:
     """The full tensor in natural order, on every rank, from each rank's part ``x``.
 
     Differentiable: the gradient flowing into the result on every rank is summed back onto
-    the parts it came from.
+    the parts it came from. ``timeout``: seconds to wait for the peers (as in
+    :class:`hf_striped.RingOptions`) before raising ``RingCommError``.
     """
     check_layout(layout)
     rank, world = group_rank_size(group)
     if world == 1:
         return x
     dim = dim % x.dim()
-    gathered = _AllGather.apply(x, group)
+    gathered = _AllGather.apply(x, group, resolve_timeout(timeout))
     return unshard_local(list(gathered.unbind(0)), dim, layout)

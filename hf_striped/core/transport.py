@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .guards import host_deadline, resolve_timeout, wait_all
+from .guards import exchange, host_deadline, wait_all
 
 
 @dataclass
@@ -59,21 +59,17 @@ class CommStats:
         self.largest_message = max(self.largest_message, n)
 
 
-def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float | None = None, phase: str = "ring",
-             name: str | None = None) -> Any:
+def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float, phase: str = "ring",
+             name: str | None = None, on_wait=None) -> Any:
     """Drive one rank's schedule over ``torch.distributed`` point-to-point ops in ``group``.
 
-    Every ``Wait`` has a deadline of ``timeout`` seconds (see :mod:`hf_striped.core.guards`); a peer
-    that died or stalled raises :class:`~hf_striped.core.guards.RingCommError` naming ``phase``
-    ("forward"/"backward"), the ring step, the message and the peer, instead of waiting forever.
-    ``name`` (e.g. "layer 5") is added to that message.
+    Every ``Wait`` has a deadline of ``timeout`` seconds (see :mod:`hf_striped.core.guards`); a
+    peer that died or stalled raises :class:`~hf_striped.core.guards.RingCommError` naming
+    ``phase`` ("forward"/"backward"), the ring step, the message and the peer, instead of waiting
+    forever. ``name`` (e.g. "layer 5") is added to that message. ``on_wait(seconds)``, if given,
+    is told how long each wait blocked (benchmarks use it).
     """
-    timeout = resolve_timeout(timeout)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    send_to = dist.get_global_rank(group, (rank + 1) % world)
-    recv_from = dist.get_global_rank(group, (rank - 1) % world)
-    bounded = host_deadline(group)
-    where = f"hf_striped ring attention{f' ({name})' if name else ''}, CP rank {rank} of {world} (global rank {dist.get_rank()})"
+    route = _Route.of(group, timeout, phase, name)
     value = None
     while True:
         try:
@@ -83,11 +79,45 @@ def run_dist(gen: Schedule, group: dist.ProcessGroup, *, timeout: float | None =
         # Locals here must not outlive one step: a finished Work still references its tensors,
         # and holding one would keep an extra K/V block alive for the whole step.
         if isinstance(msg, Post):
-            value = _Ticket(*_post(msg.tensors, send_to, recv_from, group), msg.what, msg.step)
+            tensors = tuple(t.contiguous() for t in msg.tensors)
+            works, bufs = exchange(tensors, route.send_to, route.recv_from, group)
+            value = _Ticket(works, bufs, len(tensors), msg.what, msg.step)
         else:
-            value = _wait(msg.ticket, timeout, where, phase, world, rank, (rank + 1) % world, (rank - 1) % world,
-                          send_to, recv_from, bounded)
+            start = time.perf_counter()
+            value = _wait(msg.ticket, route)
+            if on_wait is not None:
+                on_wait(time.perf_counter() - start)
         msg = None
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where this rank's ring messages go and come from, and how waits on them are bounded."""
+
+    rank: int  # in the CP group
+    world: int
+    send_to: int  # global ranks
+    recv_from: int
+    where: str  # names the call in errors
+    phase: str
+    timeout: float
+    bounded: bool  # hf_striped's own deadline (False on NCCL: see guards.host_deadline)
+
+    @classmethod
+    def of(cls, group, timeout: float, phase: str, name: str | None) -> _Route:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        where = (f"hf_striped ring attention{f' ({name})' if name else ''}, CP rank {rank} of {world} "
+                 f"(global rank {dist.get_rank()})")
+        return cls(rank, world, dist.get_global_rank(group, (rank + 1) % world),
+                   dist.get_global_rank(group, (rank - 1) % world), where, phase, timeout, host_deadline(group))
+
+    @property
+    def next_cp(self) -> int:
+        return (self.rank + 1) % self.world
+
+    @property
+    def prev_cp(self) -> int:
+        return (self.rank - 1) % self.world
 
 
 @dataclass
@@ -99,32 +129,26 @@ class _Ticket:
     step: int | None
 
 
-def _post(tensors, send_to, recv_from, group):
-    tensors = tuple(t.contiguous() for t in tensors)
-    bufs = tuple(torch.empty_like(t) for t in tensors)
-    ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, b, recv_from, group) for b in bufs]
-    return dist.batch_isend_irecv(ops), bufs, len(tensors)
-
-
-def _wait(ticket: _Ticket, timeout, where, phase, world, rank, next_cp, prev_cp, send_to, recv_from, bounded=True):
-    works, n = ticket.works, ticket.n_send
-    step = "" if ticket.step is None else f" step {ticket.step + 1} of {world}"  # 1-based for people
+def _wait(ticket: _Ticket, route: _Route):
+    works, n, r = ticket.works, ticket.n_send, route
+    step = "" if ticket.step is None else f" step {ticket.step + 1} of {r.world}"  # 1-based for people
+    head = f"{r.where}, {r.phase}{step}"
 
     def describe(i: int) -> str:
         if len(works) != 2 * n:  # a backend that coalesces the batch into one work
-            return (f"{where}, {phase}{step}: exchanging {ticket.what} with CP ranks {next_cp} (send, global "
-                    f"{send_to}) and {prev_cp} (receive, global {recv_from})")
+            return (f"{head}: exchanging {ticket.what} with CP ranks {r.next_cp} (send, global "
+                    f"{r.send_to}) and {r.prev_cp} (receive, global {r.recv_from})")
         if i < n:
-            return f"{where}, {phase}{step}: sending {ticket.what} to CP rank {next_cp} (global rank {send_to})"
-        return f"{where}, {phase}{step}: receiving {ticket.what} from CP rank {prev_cp} (global rank {recv_from})"
+            return f"{head}: sending {ticket.what} to CP rank {r.next_cp} (global rank {r.send_to})"
+        return f"{head}: receiving {ticket.what} from CP rank {r.prev_cp} (global rank {r.recv_from})"
 
     # (a coalescing backend's single work: name the peer we receive from, the one a hang waits on)
-    peers = [send_to] * n + [recv_from] * n if len(works) == 2 * n else [recv_from] * len(works)
+    paired = len(works) == 2 * n
+    peers = [r.send_to] * n + [r.recv_from] * n if paired else [r.recv_from] * len(works)
     # Receives first: a dead or stuck peer shows up as the message that never came.
-    order = list(range(n, len(works))) + list(range(min(n, len(works)))) if len(works) == 2 * n else list(range(len(works)))
-    wait_all([works[i] for i in order], time.monotonic() + timeout, lambda j: describe(order[j]), timeout,
-             phase=phase, step=ticket.step, rank=rank, peers=[peers[i] for i in order], bounded=bounded)
+    order = list(range(n, len(works))) + list(range(n)) if paired else list(range(len(works)))
+    wait_all([works[i] for i in order], time.monotonic() + r.timeout, lambda j: describe(order[j]), r.timeout,
+             phase=r.phase, step=ticket.step, rank=r.rank, peers=[peers[i] for i in order], bounded=r.bounded)
     return ticket.bufs
 
 

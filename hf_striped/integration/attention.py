@@ -29,7 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .context import active_context, state_for_attention_call
 from ..patches import check_model, windows_reach_attention
 from ..patches import rope as _rope
-from ..core.ring import check_peer_spread, peer_signature, ring_attention
+from ..core.ring import check_peer_spread, peer_signature, rejected_by_peer, ring_attention_call
 
 ATTN_IMPLEMENTATION = "striped_ring"
 
@@ -158,35 +158,22 @@ def striped_ring_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     window = _window(module, kwargs, query.shape[2] * state.world_size)
     name = _layer_name(module)
-    # One all-reduce per forward checks positions and, riding along, that every rank calls the
+    # One agreement per forward checks positions and, riding along, that every rank calls the
     # ring with the same shapes and accepted its inputs (later layers then agree too).
     state.check_positions(
         kwargs.get("position_ids"), query.shape[0], query.shape[2],
-        agree=peer_signature(q, k, v, state.layout, True, window, rejected=local_error is not None, rank=state.rank),
-        on_disagree=lambda lo, hi: check_peer_spread(lo, hi, q, k, state.group, name, local_error),
+        fields=peer_signature(q, k, v, state.layout, True, window), error=local_error,
+        peer_error=rejected_by_peer(name), judge=lambda verdict: check_peer_spread(verdict, q, k, state.group, name),
     )
-    if local_error is not None:
+    if local_error is not None:  # a later layer than the one whose check ran (that one passed)
         raise local_error
     if config is not None:  # longrope's factor choice must agree across ranks (patches/rope.py)
         _rope.check_forward(config, kwargs["position_ids"], layout=state.layout, rank=state.rank,
                             world_size=state.world_size, seq_local=query.shape[2])
-    out = ring_attention(
-        q,
-        k,
-        v,
-        group=state.group,
-        layout=state.layout,
-        causal=True,
-        softmax_scale=scaling,
-        backend=state.backend,
-        softcap=kwargs.get("softcap"),
-        sinks=kwargs.get("s_aux"),
-        window=window,
-        timeout=state.timeout,
-        check_finite=state.check_finite,
-        name=name,
-        train_step=state.train_step,
-        check_peers=False,
+    out, _ = ring_attention_call(
+        q, k, v, group=state.group, options=state.options, causal=True, softmax_scale=scaling,
+        softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), window=window, name=name,
+        train_step=state.train_step, check_peers=False,
     )
     return out, None
 

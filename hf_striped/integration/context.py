@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..core.guards import collective, collective_device, resolve_check_finite, resolve_timeout
-from ..kernels import BACKENDS
-from ..core.layout import check_layout, global_indices
+from ..core.guards import Verdict, agree
+from ..core.layout import global_indices
+from ..core.options import RingOptions, build_options
 from ..core.ring import group_rank_size
 
 
@@ -24,15 +24,8 @@ class ContextParallelState:
 
     group: dist.ProcessGroup | None
     """The context-parallel group (``None``: this process alone)."""
-    layout: str
-    """How every sequence was sharded over ``group`` (``hf_striped.LAYOUTS``)."""
-    backend: str = "auto"
-    """Block kernel (``hf_striped.kernels.BACKENDS``)."""
-    timeout: float | None = None
-    """Seconds any rank waits for one ring message or check before raising ``RingCommError``
-    (``None``: the ``HF_STRIPED_TIMEOUT`` environment variable, else 600)."""
-    check_finite: bool | None = None
-    """Check every attention block for NaN/Inf (``None``: ``HF_STRIPED_CHECK_FINITE``, else off)."""
+    options: RingOptions
+    """Layout, kernel, timeout and NaN guard of every ring call in the block."""
     train_step: int | None = None
     """The training step, named in NaN/Inf errors; set it as training advances."""
     rank: int = field(init=False)
@@ -40,9 +33,6 @@ class ContextParallelState:
     _checked: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        check_layout(self.layout)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.group is None and not (dist.is_available() and dist.is_initialized()) and _launched_world() > 1:
             raise RuntimeError(
                 f"hf_striped.context_parallel got no process group in a process launched as one of WORLD_SIZE="
@@ -51,27 +41,29 @@ class ContextParallelState:
                 "hf_striped.ContextParallel) before entering the context, and pass its group"
             )
         self.rank, self.world_size = group_rank_size(self.group)
-        self.timeout = resolve_timeout(self.timeout)
-        self.check_finite = resolve_check_finite(self.check_finite)
+
+    @property
+    def layout(self) -> str:
+        return self.options.layout
 
     def new_forward(self) -> None:
         """Forget the last checked position tensor. Called at a point every rank reaches once per
         forward, so whether the check (a collective) runs never differs between ranks."""
         self._checked = None
 
-    def check_positions(self, position_ids: torch.Tensor | None, batch: int, seq_local: int,
-                        agree: torch.Tensor | None = None, on_disagree=None) -> None:
+    def check_positions(self, position_ids: torch.Tensor | None, batch: int, seq_local: int, *,
+                        fields: dict[str, int] | None = None, error: BaseException | None = None,
+                        peer_error=None, judge=None) -> None:
         """Verify that ``position_ids`` are this rank's shard of one unbroken run of global
         positions per row (``base + arange(N)``), identically based on every rank.
 
         Runs once per forward (all layers share one position tensor; :meth:`new_forward`, called
-        by the mask function on every rank, resets the cache), at the cost of one all-reduce of
-        a fixed number of integers. Every rank reaches the same verdict, so a bad input raises
-        everywhere instead of leaving peers waiting in the ring.
+        by the mask function on every rank, resets the cache), as one
+        :func:`hf_striped.core.guards.agree` of a fixed number of integers, so every rank reaches
+        the same verdict and a bad input raises everywhere instead of leaving peers waiting.
 
-        ``agree`` (int64, 1-d, the same length on every rank) rides along in that all-reduce; if
-        it differs between ranks, ``on_disagree(lo, hi)`` (its group-wide min and max) is called
-        first, and is expected to raise.
+        ``fields``, ``error`` and ``peer_error`` ride along in that agreement (see ``agree``);
+        ``judge(verdict)`` then sees the verdict first and may raise on the ``fields``.
         """
         if position_ids is None:
             raise ValueError(
@@ -81,8 +73,18 @@ class ContextParallelState:
             )
         if self._checked is not None and self._checked() is position_ids:
             return
-        # Everything below is reduced to a fixed number of integers, and nothing raises before
-        # the all-reduce: a rank that raised alone would leave its peers waiting in it.
+        positions = self._position_fields(position_ids, batch, seq_local)
+        verdict = agree(self.group, {**(fields or {}), **positions}, timeout=self.options.timeout,
+                        what="hf_striped's position_ids check (the first collective of every forward inside "
+                             "context_parallel)", error=error, peer_error=peer_error)
+        if judge is not None:
+            judge(verdict)
+        self._judge_positions(verdict, position_ids, batch, seq_local)
+        self._checked = weakref.ref(position_ids)
+
+    def _position_fields(self, position_ids: torch.Tensor, batch: int, seq_local: int) -> dict[str, int]:
+        """The integers the position check compares; nothing here raises (a rank that raised
+        alone would leave its peers waiting in the agreement)."""
         pos = position_ids.reshape(-1, position_ids.shape[-1])
         wrong_shape = pos.shape[-1] != seq_local or pos.shape[0] not in (1, batch)
         if not wrong_shape:
@@ -91,34 +93,24 @@ class ContextParallelState:
             except ValueError:
                 wrong_shape = True
         if wrong_shape:
-            summary = torch.zeros(5, dtype=torch.int64)
-        else:
-            offset = pos.expand(batch, -1).long() - gidx
-            base = offset[:, 0]
-            rows = torch.arange(1, batch + 1, device=base.device)
-            # Bases must match row for row on every rank: compare checksums of them (computed
-            # where the positions live; only these five numbers travel).
-            summary = torch.stack([(offset != base[:, None]).any().long(), (base * rows).sum(), (base * base).sum(),
-                                   base.max(), base.min()]).cpu()
-        extra = torch.zeros(0, dtype=torch.int64) if agree is None else agree.to(torch.int64).cpu()
-        x = torch.cat([extra, torch.tensor([int(wrong_shape)]), summary])
-        verdict = torch.cat([x, -x])
-        if self.world_size > 1:
-            verdict = verdict.to(collective_device(self.group))
-            collective(dist.all_reduce, verdict, self.group, self.timeout, "hf_striped's position_ids check "
-                       "(the first collective of every forward inside context_parallel)", op=dist.ReduceOp.MAX)
-            verdict = verdict.cpu()
-        hi, lo = verdict[: len(x)], -verdict[len(x):]
-        n = extra.numel()
-        if on_disagree is not None and not torch.equal(hi[:n], lo[:n]):
-            on_disagree(lo[:n], hi[:n])
-        if bool(hi[n]):
+            return {"positions: wrong shape": 1, **dict.fromkeys(_POSITION_SUMMARY, 0)}
+        offset = pos.expand(batch, -1).long() - gidx
+        base = offset[:, 0]
+        rows = torch.arange(1, batch + 1, device=base.device)
+        # Bases must match row for row on every rank: compare checksums of them (computed where
+        # the positions live; only these numbers travel).
+        summary = torch.stack([(offset != base[:, None]).any().long(), (base * rows).sum(), (base * base).sum(),
+                               base.max(), base.min()]).tolist()
+        return {"positions: wrong shape": 0, **dict(zip(_POSITION_SUMMARY, summary))}
+
+    def _judge_positions(self, verdict: Verdict, position_ids, batch: int, seq_local: int) -> None:
+        if verdict.hi["positions: wrong shape"]:
             raise ValueError(
                 f"position_ids must be [batch or 1, tokens on this rank]; got {tuple(position_ids.shape)} on this rank "
                 f"(batch {batch}, {seq_local} tokens) or a wrong shape on another rank of the CP group. Build them "
                 "with hf_striped.shard(torch.arange(N).expand(batch, -1), dim=1, group=group, layout=layout)."
             )
-        if bool(hi[n + 1]) or not torch.equal(hi[n + 2:], lo[n + 2:]):
+        if verdict.hi[_POSITION_SUMMARY[0]] or any(not verdict.same(f) for f in _POSITION_SUMMARY[1:]):
             raise ValueError(
                 "position_ids inside hf_striped.context_parallel must be each rank's shard, in the "
                 f"{self.layout!r} layout, of one unbroken run of global positions per row (base + 0, 1, ..., "
@@ -128,7 +120,10 @@ class ContextParallelState:
                 "does not do yet). Build them with hf_striped.shard(torch.arange(N).expand(batch, -1), "
                 "dim=1, group=group, layout=layout)."
             )
-        self._checked = weakref.ref(position_ids)
+
+
+_POSITION_SUMMARY = ("positions: broken run", "positions: base checksum", "positions: base square sum",
+                     "positions: max base", "positions: min base")
 
 
 def _launched_world() -> int:
@@ -203,12 +198,13 @@ def state_for_attention_call(position_ids: torch.Tensor | None) -> ContextParall
 @contextlib.contextmanager
 def context_parallel(
     group: dist.ProcessGroup | None,
-    layout: str = "striped",
+    layout: str | None = None,
     *,
-    backend: str = "auto",
+    backend: str | None = None,
     timeout: float | None = None,
     check_finite: bool | None = None,
     train_step: int | None = None,
+    options: RingOptions | None = None,
 ):
     """Run every ``striped_ring`` attention module inside this block as ring attention over ``group``.
 
@@ -218,14 +214,13 @@ def context_parallel(
     the block, ``striped_ring`` behaves exactly like ``sdpa``. ``backward()`` may run inside or
     after the block: gradient checkpointing's recomputation reuses the forward's context.
 
-    ``timeout`` bounds every wait for a peer (a dead or stuck rank raises
-    :class:`hf_striped.core.guards.RingCommError` naming the ring step and peer); ``check_finite``
-    turns on the NaN/Inf guard; ``train_step`` is named in its errors. See
-    :class:`ContextParallelState` for their defaults.
+    ``layout`` (default ``"striped"``), ``backend``, ``timeout`` (bounds every wait for a peer:
+    a dead or stuck rank raises :class:`hf_striped.RingCommError` naming the ring step and peer)
+    and ``check_finite`` (the NaN/Inf guard) are the fields of :class:`hf_striped.RingOptions`;
+    pass them, or ``options``. ``train_step`` is named in the guard's errors.
     """
-    state = ContextParallelState(
-        group=group, layout=layout, backend=backend, timeout=timeout, check_finite=check_finite, train_step=train_step
-    )
+    options = build_options(options, layout=layout, backend=backend, timeout=timeout, check_finite=check_finite)
+    state = ContextParallelState(group=group, options=options, train_step=train_step)
     token = _ACTIVE.set(state)
     try:
         yield state

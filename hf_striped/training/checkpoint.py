@@ -203,25 +203,15 @@ def save_checkpoint(
 
 def _agree(accelerator, error: BaseException | None, what: str) -> None:
     """A barrier that also carries failure: every rank raises if any rank's ``error`` is set."""
-    import torch.distributed as dist
+    from ..core.guards import agree
 
-    failed = error is not None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from ..core.guards import collective_device
-
-        flag = torch.tensor([int(failed), accelerator.process_index if failed else -1], device=collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        any_failed, who = bool(flag[0]), int(flag[1])
-    else:
-        accelerator.wait_for_everyone()
-        any_failed, who = failed, accelerator.process_index
-    if error is not None:
-        raise error
-    if any_failed:
-        raise RuntimeError(
-            f"{what} failed on process {who} (its error says why); this process stops too. The previous complete "
+    def peer_failed(rank: int) -> RuntimeError:
+        return RuntimeError(
+            f"{what} failed on process {rank} (its error says why); this process stops too. The previous complete "
             "checkpoint is intact: fix the cause and rerun with --resume auto"
         )
+
+    agree(None, {}, what=f"hf_striped's agreement that {what} succeeded", error=error, peer_error=peer_failed)
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -1,7 +1,7 @@
 """Turn a global batch into one context-parallel rank's part of it.
 
 Every rank of a CP group collates the *same* global batch (the data loader is sharded over data
-parallel groups only, see ``hf_striped.accelerate``) and keeps its stripe:
+parallel groups only, see ``ContextParallel.prepare_dataloader``) and keeps its stripe:
 
 1. rows are right-padded to a common length that the layout can split (pad id, label -100);
 2. labels are shifted **once, on the full sequence** (``shift_labels[t] = labels[t + 1]``), so a

@@ -26,9 +26,8 @@ import torch.distributed as dist
 
 from ..integration.context import context_parallel
 from .data import FINGERPRINT_KEY, IGNORE_INDEX, StripingCollator
-from ..core.guards import collective, collective_device, resolve_check_finite, resolve_timeout, wait_work
-from ..kernels import BACKENDS
-from ..core.layout import check_layout
+from ..core.guards import agree, reduce_host
+from ..core.options import RingOptions, build_options
 from ..core.sharding import unshard
 
 
@@ -50,37 +49,32 @@ class ContextParallel:
 
     Args:
         cp_size: ranks per context-parallel group; must divide the world size.
-        layout: token layout over a CP group (``hf_striped.LAYOUTS``).
-        backend: block kernel (``hf_striped.kernels.BACKENDS``).
+        layout, backend, timeout, check_finite: the fields of :class:`hf_striped.RingOptions`
+            (or pass ``options``). ``timeout`` bounds the ring and these helpers' collectives;
+            set the process group's own timeout (``init_process_group(timeout=)``, Accelerate's
+            ``InitProcessGroupKwargs``) to bound the data-parallel gradient all-reduce as well.
+            Set :attr:`train_step` as training advances and NaN/Inf errors name the step.
+        options: a :class:`hf_striped.RingOptions` instead of those four.
         check_batches: compare a fingerprint of every global batch across the CP group (one tiny
-            all-gather per micro-batch) and raise if ranks were given different batches.
+            agreement per micro-batch) and raise if ranks were given different batches.
         device_type: ``"cpu"`` or ``"cuda"``; default: ``"cuda"`` if the process group is NCCL.
-        timeout: seconds any rank waits for a peer in the ring or in these helpers' collectives
-            before raising ``hf_striped.core.guards.RingCommError`` (default: the
-            ``HF_STRIPED_TIMEOUT`` environment variable, else 600). Set the process group's own
-            timeout (``init_process_group(timeout=)``, Accelerate's ``InitProcessGroupKwargs``)
-            to bound the data-parallel gradient all-reduce as well.
-        check_finite: the NaN/Inf guard of every attention block (default: the
-            ``HF_STRIPED_CHECK_FINITE`` environment variable, else off). Set :attr:`train_step`
-            as training advances and its errors name the step.
     """
 
     def __init__(
         self,
         cp_size: int = 1,
         *,
-        layout: str = "striped",
-        backend: str = "auto",
+        layout: str | None = None,
+        backend: str | None = None,
         check_batches: bool = True,
         device_type: str | None = None,
         timeout: float | None = None,
         check_finite: bool | None = None,
+        options: RingOptions | None = None,
     ):
-        check_layout(layout)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.layout, self.backend, self.check_batches = layout, backend, check_batches
-        self.timeout, self.check_finite = resolve_timeout(timeout), resolve_check_finite(check_finite)
+        self.options = build_options(options, layout=layout, backend=backend, timeout=timeout,
+                                     check_finite=check_finite)
+        self.check_batches = check_batches
         self.train_step: int | None = None
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -103,6 +97,14 @@ class ContextParallel:
             self.mesh = init_device_mesh(device_type, (self.dp_size, cp_size), mesh_dim_names=("dp_replicate", "cp"))
             self.cp_group = self.mesh.get_group("cp")
             self.dp_group = self.mesh.get_group("dp_replicate")
+
+    @property
+    def layout(self) -> str:
+        return self.options.layout
+
+    @property
+    def timeout(self) -> float:
+        return self.options.timeout
 
     def __repr__(self) -> str:
         return (
@@ -142,16 +144,13 @@ class ContextParallel:
                     "batch has no cp_fingerprint: build batches with ContextParallel.collator() (or pass "
                     "check_batches=False if you stripe them yourself)"
                 )
-            fp = fp.to(torch.int64).reshape(-1).to(collective_device(self.cp_group))
-            parts = [torch.empty_like(fp) for _ in range(self.cp_size)]
-            wait_work(dist.all_gather(parts, fp, group=self.cp_group, async_op=True), self.timeout,
-                      "hf_striped's check that the CP group's ranks hold the same batch")
-            parts = [p.cpu() for p in parts]
-            differ = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
-            if differ:
+            verdict = agree(self.cp_group, {f"fingerprint {i}": int(x) for i, x in enumerate(fp.reshape(-1).tolist())},
+                            what="hf_striped's check that the CP group's ranks hold the same batch",
+                            timeout=self.timeout)
+            if verdict.differing():
                 raise ValueError(
-                    f"ranks of one context-parallel group were given different batches (CP ranks {differ} differ "
-                    "from CP rank 0). Every rank of a CP group must collate the same global batch: shard the "
+                    f"ranks of one context-parallel group were given different batches (this is CP rank "
+                    f"{self.cp_rank}). Every rank of a CP group must collate the same global batch: shard the "
                     "data loader over data-parallel replicas only (ContextParallel.prepare_dataloader) and seed "
                     "any shuffling identically on every rank."
                 )
@@ -163,10 +162,8 @@ class ContextParallel:
         """Non-ignored target tokens of one optimizer step over the whole world: the
         ``num_items_in_batch`` every rank divides its summed loss by."""
         total = sum(int(b["shift_labels"].ne(IGNORE_INDEX).sum()) for b in batches)
-        t = torch.tensor(total, dtype=torch.int64, device=collective_device())
-        if self.world_size > 1:
-            collective(dist.all_reduce, t, None, self.timeout, "hf_striped's count of the step's target tokens")
-        t = t.cpu()
+        t = reduce_host(torch.tensor(total, dtype=torch.int64), None, timeout=self.timeout,
+                        what="hf_striped's count of the step's target tokens")
         if t.item() == 0:
             raise ValueError(
                 "this optimizer step has no target tokens on any rank (every label is -100, or every row has a "
@@ -182,8 +179,7 @@ class ContextParallel:
         if self.cp_size == 1:
             yield None
             return
-        with context_parallel(self.cp_group, self.layout, backend=self.backend, timeout=self.timeout,
-                              check_finite=self.check_finite, train_step=self.train_step) as state:
+        with context_parallel(self.cp_group, options=self.options, train_step=self.train_step) as state:
             yield state
 
     def forward(self, model, batch: Mapping[str, Any], num_items_in_batch: torch.Tensor | int):
@@ -204,10 +200,8 @@ class ContextParallel:
     def reduce_sum(self, value: torch.Tensor | float, group: str = "world") -> torch.Tensor:
         """Sum a scalar over the world (or ``group="cp"``) without autograd (for logging)."""
         pg = self.cp_group if group == "cp" else None
-        t = torch.as_tensor(value, dtype=torch.float64).detach().to(collective_device(pg)).clone()
-        if self.world_size > 1:
-            collective(dist.all_reduce, t, pg, self.timeout, "hf_striped's loss sum for logging")
-        return t.cpu()
+        return reduce_host(torch.as_tensor(value, dtype=torch.float64), pg, timeout=self.timeout,
+                           what="hf_striped's loss sum for logging")
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -217,7 +211,7 @@ class ContextParallel:
         Differentiable."""
         if self.cp_size == 1:
             return x
-        return unshard(x, dim=dim, group=self.cp_group, layout=self.layout)
+        return unshard(x, dim=dim, group=self.cp_group, layout=self.layout, timeout=self.timeout)
 
     def token_losses(self, logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """Per-token losses ``[batch, N]`` of the whole CP group's sequences in natural order

@@ -27,13 +27,14 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput
 
 from .data import IGNORE_INDEX
 from ..integration import ATTN_IMPLEMENTATION
-from .parallel import ContextParallel, collective_device
+from ..core.guards import reduce_host
+from ..core.options import RingOptions
+from .parallel import ContextParallel
 
 
 @dataclass
@@ -51,6 +52,9 @@ class StripedTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # validated here, once, so a bad setting fails when the arguments are built
+        self.cp_options = RingOptions(layout=self.cp_layout, backend=self.cp_backend, timeout=self.cp_timeout,
+                                      check_finite=self.cp_check_finite)
         if self.cp_size > 1 and not self.average_tokens_across_devices:
             raise ValueError(
                 "cp_size > 1 needs average_tokens_across_devices=True: each rank holds only part of every "
@@ -66,10 +70,7 @@ class StripedTrainer(Trainer):
         user_collator = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("data_collator")
         super().__init__(*args, **kwargs)
         a = self.args
-        self.cp = ContextParallel(
-            getattr(a, "cp_size", 1), layout=getattr(a, "cp_layout", "striped"), backend=getattr(a, "cp_backend", "auto"),
-            timeout=getattr(a, "cp_timeout", None), check_finite=getattr(a, "cp_check_finite", None),
-        )
+        self.cp = ContextParallel(getattr(a, "cp_size", 1), options=getattr(a, "cp_options", None))
         if self.cp.cp_size == 1:
             return
         config = self.model.config
@@ -134,15 +135,14 @@ class StripedTrainer(Trainer):
             loss_sum = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
-            both = torch.stack([loss_sum.detach().double(), labels.ne(IGNORE_INDEX).sum().double()])
-            both = both.to(collective_device(self.cp.cp_group))
-            dist.all_reduce(both, group=self.cp.cp_group)  # the whole sequences' loss sum and token count
-            both = both.cpu()
+            both = reduce_host(torch.stack([loss_sum.detach().double(), labels.ne(IGNORE_INDEX).sum().double()]),
+                               self.cp.cp_group, timeout=self.cp.timeout,
+                               what="hf_striped's evaluation loss sum over the CP group")  # whole sequences
+
             rows = labels.shape[0]
             total += torch.stack([both[0] / both[1].clamp_min(1) * rows, torch.tensor(rows, dtype=torch.float64)])
         if self.cp.dp_size > 1:
-            total = total.to(collective_device(self.cp.dp_group))
-            dist.all_reduce(total, group=self.cp.dp_group)
-            total = total.cpu()
+            total = reduce_host(total, self.cp.dp_group, timeout=self.cp.timeout,
+                                what="hf_striped's evaluation loss sum over data-parallel replicas")
         metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp_min(1))}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=int(total[1]))
