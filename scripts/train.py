@@ -9,6 +9,10 @@ optimizer step (see ``hf_striped.training.parallel``). Checkpoints (safetensors 
 scheduler, RNG states, data position) are written atomically every ``--save-every`` steps and a
 rerun with the same ``--output-dir`` resumes from the newest complete one, on the identical loss
 trajectory. The end is a Hugging Face model folder with a model card (``<output-dir>/final``).
+
+``main(argv, checkpoint_io=...)`` runs the same job from Python; ``checkpoint_io`` replaces the
+checkpoint file operations (``hf_striped.training.checkpoint.CheckpointIO``), which is how tests
+stop a real run in the middle of a checkpoint save.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from hf_striped.training.checkpoint import CheckpointIO
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,12 +122,13 @@ def plot_losses(losses: list[float], path: Path) -> bool:
 
 @dataclass(frozen=True)
 class Run:
-    """What every phase of one run shares: its arguments, the Accelerator and the context-parallel
-    groups (``ContextParallel``)."""
+    """What every phase of one run shares: its arguments, the Accelerator, the context-parallel
+    groups (``ContextParallel``) and the checkpoint file operations (None: the real ones)."""
 
     args: argparse.Namespace
     accelerator: Any
     cp: Any
+    checkpoint_io: CheckpointIO | None = None
 
     @property
     def main_proc(self) -> bool:
@@ -150,7 +158,7 @@ class Data:
     description: str
 
 
-def start(args: argparse.Namespace) -> Run:
+def start(args: argparse.Namespace, checkpoint_io: CheckpointIO | None = None) -> Run:
     """Start the Accelerator (its process group's timeout: --pg-timeout) and the CP groups; quiet
     the other ranks' logs and progress bars, so only rank 0's show."""
     from datetime import timedelta
@@ -177,7 +185,7 @@ def start(args: argparse.Namespace) -> Run:
     set_seed(args.seed)
     cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend, timeout=timeout,
                          check_finite=args.check_finite or None)
-    run = Run(args, accelerator, cp)
+    run = Run(args, accelerator, cp, checkpoint_io)
     run.say(f"[train] {cp}, {accelerator.distributed_type.value}, {accelerator.device}")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
         run.say("[train] warning: the Accelerate config asks for FSDP, which Accelerate enables only on GPUs; "
@@ -297,7 +305,7 @@ def resume(run: Run, trained: dict[str, Any]) -> dict[str, Any]:
 
     args, root = run.args, run.ckpt_root
     if run.main_proc:  # before choosing: puts back a checkpoint a killed re-save had moved aside
-        for p in remove_incomplete(root):
+        for p in remove_incomplete(root, run.checkpoint_io):
             run.say(f"[train] removed {p.name}, left by a save that never finished")
     run.accelerator.wait_for_everyone()
     path = choose_checkpoint(root, args.resume)
@@ -373,7 +381,7 @@ def maybe_checkpoint(run: Run, state: dict[str, Any], trained: dict[str, Any], b
     args = run.args
     if args.save_every and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
         path = save_checkpoint(run.accelerator, run.ckpt_root, state["step"], {**state, "args": vars(args)},
-                               keep=args.keep_checkpoints, **trained)
+                               keep=args.keep_checkpoints, io=run.checkpoint_io, **trained)
         if run.main_proc:
             bar.write(f"[train] checkpoint {path}")
 
@@ -479,11 +487,12 @@ def finalize(run: Run, trained: dict[str, Any], tokenizer, data: Data, state: di
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, checkpoint_io: CheckpointIO | None = None) -> int:
     """Run the training job with the command-line arguments ``argv`` (default: ``sys.argv[1:]``);
-    returns the exit status."""
+    returns the exit status. ``checkpoint_io``: the checkpoint file operations (default: the real
+    ones), e.g. hooks that stop the run half-way through a save."""
     args = parse_args(argv)
-    run = start(args)
+    run = start(args, checkpoint_io)
     model, tokenizer, base_model = build_model(run)
     data = build_data(run, model, tokenizer)
     trained = build_optimizer(run, model)
