@@ -283,12 +283,10 @@ def _resumed_from(launch: Launch) -> int | None:
 
 
 def plot(path: Path, timeline: list[tuple[float, int]], faults: list[dict], fault_times: list[float]) -> bool:
-    try:
-        import matplotlib
+    from hf_striped.tools.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if timeline:

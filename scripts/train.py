@@ -102,12 +102,10 @@ def batches(dataloader, start: int):
 
 
 def plot_losses(losses: list[float], path: Path) -> bool:
-    try:
-        import matplotlib
+    from hf_striped.tools.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, marker="o", ms=3)
