@@ -9,7 +9,7 @@ long as its slowest rank, so
     efficiency    = ideal / critical path,  ideal = P/2 full (non-causal c x c) blocks
     ratio         = critical path of the contiguous ring / critical path of the layout
 
-(DESIGN.md section 5; the ideal ratio is 2 - 1/P). Layouts and variants alternate inside every
+(the ideal ratio is 2 - 1/P). Layouts and variants alternate inside every
 cell of every repeat, and each figure is a median over repeats. On the CPU blocks are timed by
 the process's CPU time (one thread by default), so other work on a shared machine does not
 inflate them; ``--clock wall`` times elapsed seconds instead. ``layout@split`` pins the causal
@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -71,82 +73,156 @@ def _ring(P, layout, split, qs, ks, vs, douts, kernel, scale):
     return [(fwd[r][0], fwd[r][1], *bwd[r]) for r in range(P)], outs
 
 
-def bench_shape(rec, P, c, args, variants, sync):
-    dtype = getattr(torch, args.dtype)
-    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    qs, ks, vs, douts = _inputs(P, b, c, h, hk, d, dtype, args.device)
-    kernel = select_kernel(args.backend, qs[0], ks[0], vs[0])
-    scale = d ** -0.5
-    acc = _acc_dtype(dtype)
-    base = dict(P=P, c=c, b=b, h=h, hk=hk, d=d, dtype=args.dtype, kernel=kernel.name, clock=args.clock)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape: ``P`` virtual ranks of ``c`` tokens, every rank's inputs (each a list
+    of P tensors ``(b, c, heads, d)``), the kernel, and how a block is timed."""
 
-    # Whole-ring check (and the final out/lse every backward block needs).
+    P: int
+    c: int
+    qs: list[torch.Tensor]
+    ks: list[torch.Tensor]
+    vs: list[torch.Tensor]
+    douts: list[torch.Tensor]
+    kernel: Any
+    acc: torch.dtype  # the accumulation dtype of out, lse and dq
+    base: dict  # the CSV shape fields
+    clock: Callable[[], float]
+    sync: Callable[[], None] | None
+
+    @property
+    def scale(self) -> float:
+        return self.qs[0].shape[-1] ** -0.5
+
+    def out_lse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh forward accumulators: out ``(b, c, h, d)`` zeros and lse ``(b, c, h)`` -inf."""
+        b, c, h, d = self.qs[0].shape
+        return (torch.zeros(b, c, h, d, dtype=self.acc, device=self.qs[0].device),
+                torch.full((b, c, h), float("-inf"), dtype=self.acc, device=self.qs[0].device))
+
+    def timed(self, fn) -> float:
+        return timed(fn, self.sync, self.clock)
+
+
+def _case(P, c, args, sync) -> Case:
+    dtype = getattr(torch, args.dtype)
+    qs, ks, vs, douts = _inputs(P, args.batch, c, args.heads, args.kv_heads, args.head_dim, dtype, args.device)
+    kernel = select_kernel(args.backend, qs[0], ks[0], vs[0])
+    base = dict(P=P, c=c, b=args.batch, h=args.heads, hk=args.kv_heads, d=args.head_dim, dtype=args.dtype,
+                kernel=kernel.name, clock=args.clock)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    return Case(P, c, qs, ks, vs, douts, kernel, _acc_dtype(dtype), base, clock, sync)
+
+
+def _stand_in(case: Case, layout: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``r``'s final (out, lse) as backward blocks take them, from its diagonal block only:
+    timing does not depend on their values."""
+    o, lt = case.out_lse()
+    forward_step(case.qs[r], case.ks[r], case.vs[r], o, lt, blocks(layout, r, r, case.P, case.c, True), case.kernel, case.scale)
+    return (o if getattr(case.kernel, "backward_in_float32", False) else o.to(case.qs[0].dtype),
+            lt.transpose(1, 2).contiguous())
+
+
+def _check_ring(rec, case: Case, v, reference: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run variant ``v``'s whole ring through the in-process transport; record its wall time and its
+    largest difference from the same layout unsplit (kept in ``reference`` per layout). Returns
+    every rank's final (out, lse)."""
+    layout, split = v
+    P, qs, ks, vs, douts, kernel, scale = case.P, case.qs, case.ks, case.vs, case.douts, case.kernel, case.scale
+    t0 = time.perf_counter()
+    res, outs = _ring(P, layout, split, qs, ks, vs, douts, kernel, scale)
+    if case.sync:
+        case.sync()
+    wall = time.perf_counter() - t0
+    if layout not in reference:
+        reference[layout] = res if kernel_split(kernel, split) == 0 else _ring(P, layout, 0, qs, ks, vs, douts, kernel, scale)[0]
+    err = max(
+        float((a.double() - r.double()).abs().max())
+        for got, ref in zip(res, reference[layout]) for a, r in zip(got, ref)
+    )
+    rec.add(_name(v), shape_str(**case.base), "max_abs_diff_vs_unsplit", err)
+    rec.add(_name(v), shape_str(**case.base), "inprocess_ring_fwdbwd_s", wall)
+    return [(outs[r], res[r][1]) for r in range(P)]
+
+
+def _final_outputs(rec, case: Case, variants, check: bool) -> dict:
+    """Per variant, every rank's final (out, lse) that its backward blocks need: from the whole
+    ring, checked (``check``), or stand-ins."""
     outs_lses, reference = {}, {}
     for v in variants:
-        layout, split = v
-        if not args.check:  # stand-in out/lse (timing does not depend on their values)
-            outs_lses[v] = []
-            for r in range(P):
-                o = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
-                lt = torch.full((b, c, h), float("-inf"), dtype=acc, device=args.device)
-                forward_step(qs[r], ks[r], vs[r], o, lt, blocks(layout, r, r, P, c, True), kernel, scale)
-                outs_lses[v].append((o if getattr(kernel, "backward_in_float32", False) else o.to(dtype),
-                                     lt.transpose(1, 2).contiguous()))
-            continue
-        t0 = time.perf_counter()
-        res, outs = _ring(P, layout, split, qs, ks, vs, douts, kernel, scale)
-        if sync:
-            sync()
-        wall = time.perf_counter() - t0
-        if layout not in reference:
-            reference[layout] = res if kernel_split(kernel, split) == 0 else _ring(P, layout, 0, qs, ks, vs, douts, kernel, scale)[0]
-        err = max(
-            float((a.double() - r.double()).abs().max())
-            for got, ref in zip(res, reference[layout]) for a, r in zip(got, ref)
-        )
-        outs_lses[v] = [(outs[r], res[r][1]) for r in range(P)]
-        rec.add(_name(v), shape_str(**base), "max_abs_diff_vs_unsplit", err)
-        rec.add(_name(v), shape_str(**base), "inprocess_ring_fwdbwd_s", wall)
+        if check:
+            outs_lses[v] = _check_ring(rec, case, v, reference)
+        else:
+            outs_lses[v] = [_stand_in(case, v[0], r) for r in range(case.P)]
+    return outs_lses
 
+
+def _time_cell(case: Case, v, r: int, s: int, out_lse, buffers, cells: dict, seen: dict | None) -> None:
+    """Time the forward and backward block of rank ``r`` at ring step ``s`` of variant ``v`` into
+    ``cells``. ``seen``: block lists already timed at this step (``--distinct``), whose times are
+    reused for the same work; None times every cell."""
+    layout, split = v
+    src = (r - s) % case.P
+    blks = blocks(layout, r, src, case.P, case.c, True, split=kernel_split(case.kernel, split))
+    key = (v, s, repr(blks))
+    if seen is not None and key in seen:  # same work as a cell timed above
+        for p in ("fwd", "bwd"):
+            cells[(v, p, r, s)].append(cells[(v, p, seen[key], s)][-1])
+        return
+    if seen is not None:
+        seen[key] = r
+    acc_out, acc_lse, dq = buffers
+    acc_out.zero_()
+    acc_lse.fill_(float("-inf"))
+    qs, ks, vs, douts, kernel, scale, acc = case.qs, case.ks, case.vs, case.douts, case.kernel, case.scale, case.acc
+    cells[(v, "fwd", r, s)].append(case.timed(
+        lambda: forward_step(qs[r], ks[src], vs[src], acc_out, acc_lse, blks, kernel, scale)))
+    out, lse = out_lse
+    cells[(v, "bwd", r, s)].append(case.timed(
+        lambda: backward_step(douts[r], qs[r], ks[src], vs[src], out, lse, dq, blks, kernel, scale, acc)))
+
+
+def _time_full(case: Case, out_lse, buffers, full: dict) -> None:
+    """Time one full (non-causal c x c) block, forward and backward, into ``full``: the unit of the
+    ideal critical path."""
+    acc_out, acc_lse, dq = buffers
+    out0, lse0 = out_lse
+    P, qs, ks, vs, douts, kernel, scale, acc = case.P, case.qs, case.ks, case.vs, case.douts, case.kernel, case.scale, case.acc
+    full_blk = blocks("striped", 0, 0, P, case.c, False)
+    full["fwd"].append(case.timed(lambda: forward_step(qs[0], ks[1 % P], vs[1 % P], acc_out, acc_lse, full_blk, kernel, scale)))
+    full["bwd"].append(case.timed(lambda: backward_step(douts[0], qs[0], ks[1 % P], vs[1 % P], out0, lse0, dq, full_blk,
+                                                        kernel, scale, acc)))
+
+
+def _time_blocks(case: Case, variants, outs_lses: dict, repeats: int, distinct: bool) -> tuple[dict, dict]:
+    """Every (variant, pass, rank, step) block timed ``repeats`` times, variants rotating so none
+    always runs first, and a full block per step; returns (cells, full) lists of seconds."""
+    P = case.P
     cells = {(v, p, r, s): [] for v in variants for p in ("fwd", "bwd") for r in range(P) for s in range(P)}
     full = {"fwd": [], "bwd": []}
-    full_blk = blocks("striped", 0, 0, P, c, False)
-    out0, lse0 = outs_lses[variants[0]][0]
     order = list(variants)
-    for rep in range(args.repeats):
-        seen = {}
+    for _ in range(repeats):
+        seen = {} if distinct else None
         for s in range(P):
-            acc_out = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
-            acc_lse = torch.full((b, c, h), float("-inf"), dtype=acc, device=args.device)
-            dq = torch.zeros(b, c, h, d, dtype=acc, device=args.device)
-            full["fwd"].append(timed(lambda: forward_step(qs[0], ks[1 % P], vs[1 % P], acc_out, acc_lse, full_blk, kernel, scale), sync, clock))
-            full["bwd"].append(timed(lambda: backward_step(douts[0], qs[0], ks[1 % P], vs[1 % P], out0, lse0, dq, full_blk,
-                                                           kernel, scale, acc), sync, clock))
+            acc_out, acc_lse = case.out_lse()
+            buffers = (acc_out, acc_lse, torch.zeros_like(acc_out))
+            _time_full(case, outs_lses[variants[0]][0], buffers, full)
             for r in range(P):
-                src = (r - s) % P
                 order = order[1:] + order[:1]  # rotate: no variant always runs first
                 for v in order:
-                    layout, split = v
-                    blks = blocks(layout, r, src, P, c, True, split=kernel_split(kernel, split))
-                    key = (v, s, repr(blks))
-                    if args.distinct and key in seen:  # same work as a cell timed above
-                        for p in ("fwd", "bwd"):
-                            cells[(v, p, r, s)].append(cells[(v, p, seen[key], s)][-1])
-                        continue
-                    seen[key] = r
-                    acc_out.zero_()
-                    acc_lse.fill_(float("-inf"))
-                    cells[(v, "fwd", r, s)].append(timed(
-                        lambda: forward_step(qs[r], ks[src], vs[src], acc_out, acc_lse, blks, kernel, scale), sync, clock))
-                    out, lse = outs_lses[v][r]
-                    cells[(v, "bwd", r, s)].append(timed(
-                        lambda: backward_step(douts[r], qs[r], ks[src], vs[src], out, lse, dq, blks, kernel, scale, acc),
-                        sync, clock))
+                    _time_cell(case, v, r, s, outs_lses[v][r], buffers, cells, seen)
+    return cells, full
 
+
+def _summarize(rec, case: Case, variants, cells: dict, full: dict) -> tuple[dict, dict]:
+    """Record the median block times, each variant's critical path and efficiency, and its ratio
+    to the contiguous ring; returns (unit: full-block seconds per pass, summary: critical path
+    per (variant, pass))."""
+    P, base = case.P, case.base
     unit = {p: median(full[p]) for p in full}
     rec.add("full_block", shape_str(**base, pass_="fwd"), "block_s", unit["fwd"])
     rec.add("full_block", shape_str(**base, pass_="bwd"), "block_s", unit["bwd"])
+    unit["fwdbwd"] = unit["fwd"] + unit["bwd"]
     med = {key: median(ts) for key, ts in cells.items()}
     summary = {}
     for v in variants:
@@ -156,19 +232,26 @@ def bench_shape(rec, P, c, args, variants, sync):
             for r, s in itertools.product(range(P), range(P)):
                 rec.add(_name(v), shape_str(**base, pass_=p, rank=r, step=s), "block_s", med[(v, p, r, s)])
         crit["fwdbwd"] = crit["fwd"] + crit["bwd"]
-        unit["fwdbwd"] = unit["fwd"] + unit["bwd"]
         for p in ("fwd", "fwdbwd"):
-            ideal = P / 2 * unit[p]
             summary[(v, p)] = crit[p]
             rec.add(_name(v), shape_str(**base, pass_=p), "critical_path_s", crit[p])
-            rec.add(_name(v), shape_str(**base, pass_=p), "efficiency", ideal / crit[p])
+            rec.add(_name(v), shape_str(**base, pass_=p), "efficiency", P / 2 * unit[p] / crit[p])
+    contiguous = [k for k in variants if k[0] == "contiguous"]
     for v in variants:
         for p in ("fwd", "fwdbwd"):
-            contiguous = [k for k in variants if k[0] == "contiguous"]
             if contiguous:
                 rec.add(_name(v), shape_str(**base, pass_=p), "ratio_to_contiguous",
                         summary[(contiguous[0], p)] / summary[(v, p)])
     return unit, summary
+
+
+def bench_shape(rec, P, c, args, variants, sync):
+    """Benchmark every variant at ``P`` ranks of ``c`` tokens into ``rec``; returns (unit,
+    summary) as ``_summarize``."""
+    case = _case(P, c, args, sync)
+    outs_lses = _final_outputs(rec, case, variants, args.check)  # (and the whole-ring check)
+    cells, full = _time_blocks(case, variants, outs_lses, args.repeats, args.distinct)
+    return _summarize(rec, case, variants, cells, full)
 
 
 def _name(v) -> str:

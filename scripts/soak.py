@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +151,24 @@ def run_clean(args, model_dir, data, out: Path, logs: Path, idx: int) -> Launch:
     return launch
 
 
-_STARTUP_S = [4.0]  # seconds from launch to the first step (lowered as launches are timed)
+@dataclass
+class StartupTime:
+    """Seconds from a launch to its first step (imports, the process group, data, the resume):
+    the window in which start-up faults land. A first guess, lowered as launches are timed."""
+
+    seconds: float = 4.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One fault to inject: its ``kind`` (KINDS), its ``moment`` (MOMENTS), the step it aims at
+    (``target``; 0 at start-up) and ``delay``: seconds after the launch (start-up) or after the
+    target step was logged (training)."""
+
+    kind: str
+    moment: str
+    target: int
+    delay: float
 
 
 def _newest_complete(out: Path) -> int:
@@ -160,14 +178,8 @@ def _newest_complete(out: Path) -> int:
     return max(steps, default=0)
 
 
-def inject(launch: Launch, rng: random.Random, args) -> dict | None:
-    """Wait for a random moment of ``launch`` and inject a random fault; ``None`` if the run
-    finished first. Returns the fault's record once every survivor has exited.
-
-    Moments: a random time during start-up; right after a random step still to come; or while
-    the checkpoint of a random checkpoint step still to come is being written (if that save is
-    over before it is seen, the fault lands just after it: recorded as "training")."""
-    start = _newest_complete(launch.out)
+def plan_fault(start: int, rng: random.Random, args, startup_s: float) -> Plan:
+    """Draw a random fault for a launch that resumes from step ``start``."""
     kind, moment = rng.choice(KINDS), rng.choices(MOMENTS, weights=(1, 2, 2))[0]
     # Aim within the next few checkpoints (so the faults spread over the whole run), and not at
     # the very end (a fault aimed there could come after the run finished).
@@ -179,32 +191,43 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
         moment = "start-up"
     # start-up: before the first step (imports, the process group, data, the resume); training:
     # within the step after the target one (a step takes a few tens of ms here)
-    delay = rng.uniform(0.3, 0.9) * _STARTUP_S[0] if moment == "start-up" else rng.uniform(0.0, 0.05)
+    delay = rng.uniform(0.3, 0.9) * startup_s if moment == "start-up" else rng.uniform(0.0, 0.05)
     target = rng.choice(saves) if moment == "saving" else rng.randint(start + 1, last) if moment == "training" else 0
-    reached = None
-    while True:  # find the moment
+    return Plan(kind, moment, target, delay)
+
+
+def wait_for_moment(launch: Launch, plan: Plan, start: int, startup: StartupTime) -> str | None:
+    """Wait until ``launch`` (resumed from step ``start``) reaches the moment of ``plan``; return
+    that moment, ``"training"`` if a save was over before it was seen (the fault then lands just
+    after it), or ``None`` if the run finished first. Times the launch's start-up into ``startup``."""
+    moment, reached = plan.moment, None
+    while True:
         if not all(launch.alive()):
             if not any(launch.alive()) and [p.returncode for p in launch.procs] == [0, 0]:
                 return None
             if not any(launch.alive()):
                 raise SystemExit(f"[soak] launch {launch.idx} failed on its own:\n{launch.log(0)[-3000:]}")
         if moment == "start-up":
-            if time.monotonic() - launch.started >= delay:
-                break
+            if time.monotonic() - launch.started >= plan.delay:
+                return moment
         elif reached is None:
-            if launch.last_step() >= target:  # rank 0 logs a step, then saves its checkpoint
+            if launch.last_step() >= plan.target:  # rank 0 logs a step, then saves its checkpoint
                 reached = time.monotonic()
-                if target == start + 1:  # the first step of this launch: how long start-up takes
-                    _STARTUP_S[0] = min(_STARTUP_S[0], reached - launch.started)
+                if plan.target == start + 1:  # the first step of this launch: how long start-up takes
+                    startup.seconds = min(startup.seconds, reached - launch.started)
         elif moment == "training":
-            if time.monotonic() - reached >= delay:
-                break
+            if time.monotonic() - reached >= plan.delay:
+                return moment
         elif _saving(launch.out):  # (leftovers of killed saves were removed at start-up)
-            break
+            return moment
         elif time.monotonic() - reached > 0.5:
-            moment = "training"  # the save was over before it was seen: a fault just after it
-            break
+            return "training"
         time.sleep(0.0005 if reached is not None and moment == "saving" else 0.01)
+
+
+def strike(launch: Launch, kind: str, moment: str, args) -> dict:
+    """Inject fault ``kind`` into ``launch`` now; wait (up to the timeout + 60 s) for the surviving
+    rank to exit by itself, then kill what is left. Returns the fault's record."""
     step = launch.last_step()
     victims = [0, 1] if kind == "kill both" else [int(kind[-1])]
     sig = signal.SIGSTOP if kind.startswith("stall") else signal.SIGKILL
@@ -230,6 +253,20 @@ def inject(launch: Launch, rng: random.Random, args) -> dict | None:
                 hung_ranks=hung, survivor_error=error)
 
 
+def inject(launch: Launch, rng: random.Random, args, startup: StartupTime) -> dict | None:
+    """Wait for a random moment of ``launch`` and inject a random fault; ``None`` if the run
+    finished first. Returns the fault's record once every survivor has exited.
+
+    Moments: a random time during start-up (``startup`` estimates how long it lasts); right after
+    a random step still to come; or while the checkpoint of a random checkpoint step still to come
+    is being written (if that save is over before it is seen, the fault lands just after it:
+    recorded as "training")."""
+    start = _newest_complete(launch.out)
+    plan = plan_fault(start, rng, args, startup.seconds)
+    moment = wait_for_moment(launch, plan, start, startup)
+    return None if moment is None else strike(launch, plan.kind, moment, args)
+
+
 def _losses(out: Path) -> list[float]:
     return json.loads((out / "final" / "training_log.json").read_text())["losses"]
 
@@ -246,12 +283,10 @@ def _resumed_from(launch: Launch) -> int | None:
 
 
 def plot(path: Path, timeline: list[tuple[float, int]], faults: list[dict], fault_times: list[float]) -> bool:
-    try:
-        import matplotlib
+    from hf_striped.tools.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if timeline:
@@ -272,100 +307,174 @@ def plot(path: Path, timeline: list[tuple[float, int]], faults: list[dict], faul
     return True
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from tqdm.auto import tqdm
+@dataclass
+class Soak:
+    """One soak run: its arguments and inputs, and what it records as it goes (the faults and
+    when they came, the step reached at each, the steps launches resumed from)."""
 
+    args: argparse.Namespace
+    work: Path
+    model_dir: Path
+    data: Path
+    faults: list[dict] = field(default_factory=list)
+    fault_times: list[float] = field(default_factory=list)
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    resumes: list[int] = field(default_factory=list)
+    startup: StartupTime = field(default_factory=StartupTime)
+    next_launch: int = 1  # launch 0 is the uninterrupted run
+    t_start: float = 0.0  # when fault injection began
+
+    @property
+    def logs(self) -> Path:
+        return self.work / "logs"
+
+    @property
+    def out(self) -> Path:
+        return self.work / "interrupted"
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t_start
+
+    def note_resume(self, launch: Launch) -> int | None:
+        """The step ``launch`` resumed from (None: from scratch), recorded."""
+        resumed = _resumed_from(launch)
+        if resumed is not None:
+            self.resumes.append(resumed)
+        return resumed
+
+
+def setup(args) -> Soak:
+    """A fresh work folder with the model and data, and the soak's opening line."""
     work = Path(args.workdir)
     if work.exists():
         import shutil
 
         shutil.rmtree(work)
-    logs = work / "logs"
-    logs.mkdir(parents=True)
+    (work / "logs").mkdir(parents=True)
     model_dir, data = make_inputs(work, args.seq_len, args.seed)
     print(f"[soak] CP = 2, {args.steps} steps, rows of 2..{args.seq_len} tokens, checkpoint every {args.save_every} "
           f"steps, timeout {args.timeout:g} s, {args.faults} faults; work folder {work}", flush=True)
+    return Soak(args, work, model_dir, data)
 
+
+def run_reference(soak: Soak) -> list[float]:
+    """The uninterrupted run (launch 0): the loss trajectory the interrupted one must end on."""
     t = time.monotonic()
-    run_clean(args, model_dir, data, work / "uninterrupted", logs, 0)
-    reference = _losses(work / "uninterrupted")
+    run_clean(soak.args, soak.model_dir, soak.data, soak.work / "uninterrupted", soak.logs, 0)
+    reference = _losses(soak.work / "uninterrupted")
     print(f"[soak] uninterrupted run: {len(reference)} steps in {time.monotonic() - t:.0f} s, final loss {reference[-1]:.6f}",
           flush=True)
+    return reference
 
-    rng = random.Random(args.seed)
-    out = work / "interrupted"
-    faults, fault_times, timeline, resumes = [], [], [], []
-    t_start = time.monotonic()
-    idx = 1
-    bar = tqdm(total=args.faults, desc="faults", unit="fault", dynamic_ncols=True)
-    while len(faults) < args.faults and time.monotonic() - t_start < args.max_minutes * 60:
-        expected = _newest_complete(out)  # where this launch must resume
-        launch = Launch(idx, args, model_dir, data, out, logs)
-        record = inject(launch, rng, args)
-        resumed = _resumed_from(launch)
-        if resumed is not None:
-            resumes.append(resumed)
-        if (resumed or 0) != expected and (resumed is not None or launch.last_step() > 0):
-            bar.close()
-            print(f"[soak] FAIL: launch {launch.idx} resumed from step {resumed or 0}, but the newest complete "
-                  f"checkpoint was step {expected}; see {launch.logs[0]}", flush=True)
-            _write(work, args, faults, reference, None, resumes, ok=False)
-            return 1
-        if record is not None and record["survivor_exit_s"] is not None and (
-                0 in record["survivor_exit_codes"] or not record["survivor_error"]):
-            bar.close()
-            print(f"[soak] FAIL: after '{record['fault']}' a surviving rank exited with {record['survivor_exit_codes']} "
-                  f"and error {record['survivor_error']!r}: it must fail, saying why; see {logs}", flush=True)
-            _write(work, args, faults, reference, None, resumes, ok=False)
-            return 1
-        timeline.append((time.monotonic() - t_start, max(launch.last_step(), expected)))
-        idx += 1
+
+def _launch_problem(launch: Launch, record: dict | None, resumed: int | None, expected: int, logs: Path) -> str | None:
+    """What went wrong with a launch that met a fault, if anything: it resumed from another step
+    than the newest complete checkpoint ``expected``, or a surviving rank exited without failing."""
+    if (resumed or 0) != expected and (resumed is not None or launch.last_step() > 0):
+        return (f"launch {launch.idx} resumed from step {resumed or 0}, but the newest complete "
+                f"checkpoint was step {expected}; see {launch.logs[0]}")
+    if record is not None and record["survivor_exit_s"] is not None and (
+            0 in record["survivor_exit_codes"] or not record["survivor_error"]):
+        return (f"after '{record['fault']}' a surviving rank exited with {record['survivor_exit_codes']} "
+                f"and error {record['survivor_error']!r}: it must fail, saying why; see {logs}")
+    return None
+
+
+def _fault_loop(soak: Soak, rng: random.Random, bar) -> str | None:
+    """Launch, fault, relaunch until --faults faults (or --max-minutes, or the run finished first);
+    returns what went wrong, or None."""
+    args = soak.args
+    while len(soak.faults) < args.faults and soak.elapsed() < args.max_minutes * 60:
+        expected = _newest_complete(soak.out)  # where this launch must resume
+        launch = Launch(soak.next_launch, args, soak.model_dir, soak.data, soak.out, soak.logs)
+        soak.next_launch += 1
+        record = inject(launch, rng, args, soak.startup)
+        resumed = soak.note_resume(launch)
+        problem = _launch_problem(launch, record, resumed, expected, soak.logs)
+        if problem:
+            return problem
+        soak.timeline.append((soak.elapsed(), max(launch.last_step(), expected)))
         if record is None:  # the run finished before the fault came
-            break
+            return None
         record["resumed_from"] = resumed
-        faults.append(record)
-        fault_times.append(time.monotonic() - t_start)
+        soak.faults.append(record)
+        soak.fault_times.append(soak.elapsed())
         bar.update(1)
         bar.set_postfix(last=f"{record['fault']} @ {record['moment']} step {record['step']}")
         if record["hung_ranks"]:
-            bar.close()
-            print(f"[soak] FAIL: ranks {record['hung_ranks']} still waiting {args.timeout + 60:g} s after "
-                  f"'{record['fault']}'; see {logs}", flush=True)
-            _write(work, args, faults, reference, None, resumes, ok=False)
-            return 1
-    bar.close()
-    final_dir = out / "final"
-    if not final_dir.exists():  # let the run finish, resuming once more
-        launch = run_clean(args, model_dir, data, out, logs, idx)
-        resumed = _resumed_from(launch)
-        if resumed is not None:
-            resumes.append(resumed)
-        timeline.append((time.monotonic() - t_start, args.steps))
-    soak = _losses(out)
-    rng_ref, rng_soak = _rng_states(work / "uninterrupted"), _rng_states(out)
-    rng_ok = rng_soak == rng_ref and len(rng_ref) == args.steps
-    if not rng_ok:
-        bad = [s for s in range(1, args.steps + 1) if rng_ref.get(s) != rng_soak.get(s)]
-        print(f"[soak] FAIL: the torch RNG state after steps {bad[:10]} differs from the uninterrupted run's", flush=True)
-    ok = soak == reference and rng_ok
-    plot(work / "soak.png", timeline, faults, fault_times)
-    _write(work, args, faults, reference, soak, resumes, ok=ok)
+            return (f"ranks {record['hung_ranks']} still waiting {args.timeout + 60:g} s after "
+                    f"'{record['fault']}'; see {soak.logs}")
+    return None
+
+
+def inject_faults(soak: Soak) -> str | None:
+    """The interrupted run, fault after fault (seeded by --seed); returns what went wrong, or None."""
+    from tqdm.auto import tqdm
+
+    soak.t_start = time.monotonic()
+    bar = tqdm(total=soak.args.faults, desc="faults", unit="fault", dynamic_ncols=True)
+    try:
+        return _fault_loop(soak, random.Random(soak.args.seed), bar)
+    finally:
+        bar.close()
+
+
+def finish(soak: Soak) -> list[float]:
+    """Let the interrupted run finish, resuming once more (unless it already has); its losses."""
+    if not (soak.out / "final").exists():
+        launch = run_clean(soak.args, soak.model_dir, soak.data, soak.out, soak.logs, soak.next_launch)
+        soak.note_resume(launch)
+        soak.timeline.append((soak.elapsed(), soak.args.steps))
+    return _losses(soak.out)
+
+
+def _report(soak: Soak) -> None:
+    """Print how many faults of each kind came, and how fast the survivors exited."""
+    faults, timeout = soak.faults, soak.args.timeout
     survived = [f["survivor_exit_s"] for f in faults if f["survivor_exit_s"] is not None]
     print(f"[soak] {len(faults)} faults ({sum(f['fault'].startswith('kill') for f in faults)} kills, "
           f"{sum(f['fault'].startswith('stall') for f in faults)} stalls; {sum(f['during_save'] for f in faults)} "
-          f"during a checkpoint save), {len(resumes)} resumes from a checkpoint", flush=True)
+          f"during a checkpoint save), {len(soak.resumes)} resumes from a checkpoint", flush=True)
     if survived:
         print(f"[soak] surviving ranks exited by themselves {min(survived):.1f}..{max(survived):.1f} s after the "
-              f"fault (timeout {args.timeout:g} s)", flush=True)
+              f"fault (timeout {timeout:g} s)", flush=True)
+
+
+def verdict(soak: Soak, reference: list[float], losses: list[float]) -> int:
+    """Compare the interrupted run with the uninterrupted one (losses and RNG states, bit for bit),
+    write the plot and summary, print the result; returns the exit status."""
+    steps = soak.args.steps
+    rng_ref, rng_soak = _rng_states(soak.work / "uninterrupted"), _rng_states(soak.out)
+    rng_ok = rng_soak == rng_ref and len(rng_ref) == steps
+    if not rng_ok:
+        bad = [s for s in range(1, steps + 1) if rng_ref.get(s) != rng_soak.get(s)]
+        print(f"[soak] FAIL: the torch RNG state after steps {bad[:10]} differs from the uninterrupted run's", flush=True)
+    ok = losses == reference and rng_ok
+    plot(soak.work / "soak.png", soak.timeline, soak.faults, soak.fault_times)
+    _write(soak.work, soak.args, soak.faults, reference, losses, soak.resumes, ok=ok)
+    _report(soak)
     if ok:
-        print(f"[soak] OK: the interrupted run's {len(soak)} losses and RNG states equal the uninterrupted run's bit "
+        print(f"[soak] OK: the interrupted run's {len(losses)} losses and RNG states equal the uninterrupted run's bit "
               "for bit", flush=True)
         return 0
-    diff = next(i for i, (a, b) in enumerate(zip(soak, reference)) if a != b) if len(soak) == len(reference) else None
+    diff = next(i for i, (a, b) in enumerate(zip(losses, reference)) if a != b) if len(losses) == len(reference) else None
     print(f"[soak] FAIL: loss trajectories differ (first at step {None if diff is None else diff + 1}; lengths "
-          f"{len(soak)} vs {len(reference)})", flush=True)
+          f"{len(losses)} vs {len(reference)})", flush=True)
     return 1
+
+
+def main(argv=None) -> int:
+    """The uninterrupted run, then the interrupted one to the end; 0 only if nothing hung and the
+    two trajectories are equal."""
+    args = parse_args(argv)
+    soak = setup(args)
+    reference = run_reference(soak)
+    problem = inject_faults(soak)
+    if problem:
+        print(f"[soak] FAIL: {problem}", flush=True)
+        _write(soak.work, args, soak.faults, reference, None, soak.resumes, ok=False)
+        return 1
+    return verdict(soak, reference, finish(soak))
 
 
 def _write(work: Path, args, faults, reference, soak, resumes, ok: bool) -> None:

@@ -9,6 +9,10 @@ optimizer step (see ``hf_striped.training.parallel``). Checkpoints (safetensors 
 scheduler, RNG states, data position) are written atomically every ``--save-every`` steps and a
 rerun with the same ``--output-dir`` resumes from the newest complete one, on the identical loss
 trajectory. The end is a Hugging Face model folder with a model card (``<output-dir>/final``).
+
+``main(argv, checkpoint_io=...)`` runs the same job from Python; ``checkpoint_io`` replaces the
+checkpoint file operations (``hf_striped.training.checkpoint.CheckpointIO``), which is how tests
+stop a real run in the middle of a checkpoint save.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from hf_striped.training.checkpoint import CheckpointIO
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,20 +101,11 @@ def batches(dataloader, start: int):
         epoch, skip = epoch + 1, 0
 
 
-def _json_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 1 << 62  # a torn last line of a killed run: dropped
-
-
 def plot_losses(losses: list[float], path: Path) -> bool:
-    try:
-        import matplotlib
+    from hf_striped.tools.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, marker="o", ms=3)
@@ -118,24 +118,55 @@ def plot_losses(losses: list[float], path: Path) -> bool:
     return True
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+@dataclass(frozen=True)
+class Run:
+    """What every phase of one run shares: its arguments, the Accelerator, the context-parallel
+    groups (``ContextParallel``) and the checkpoint file operations (None: the real ones)."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    cp: Any
+    checkpoint_io: CheckpointIO | None = None
+
+    @property
+    def main_proc(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def say(self, text: str) -> None:
+        """Print on the main process only."""
+        self.accelerator.print(text)
+
+
+@dataclass(frozen=True)
+class Data:
+    """The training rows (packed, or truncated with --no-pack), the collator that stripes a list of
+    them into a batch, the prepared data loader, and a description for the log and model card."""
+
+    dataset: Any
+    collate: Any
+    loader: Any
+    description: str
+
+
+def start(args: argparse.Namespace, checkpoint_io: CheckpointIO | None = None) -> Run:
+    """Start the Accelerator (its process group's timeout: --pg-timeout) and the CP groups; quiet
+    the other ranks' logs and progress bars, so only rank 0's show."""
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
 
-    import hf_striped
     from hf_striped.core.guards import resolve_timeout
-    from hf_striped.training.checkpoint import (
-        checkpoint_step, complete_checkpoints, latest_checkpoint, load_checkpoint, remove_incomplete, save_checkpoint,
-    )
-    from hf_striped.tools.model_card import hardware, library_versions, push_folder, render_card
     from hf_striped.training.parallel import ContextParallel
-    from hf_striped.tools.textdata import load_rows, pack, truncate
 
     timeout = resolve_timeout(args.timeout)
     accelerator = Accelerator(
@@ -143,35 +174,47 @@ def main(argv=None) -> int:
         # a deadline for the process group's own collectives (gradient all-reduce, barriers)
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.pg_timeout))],
     )
-    main_proc = accelerator.is_main_process
-    if not main_proc:  # one progress display: rank 0's
+    if not accelerator.is_main_process:  # one progress display: rank 0's
         import datasets
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-    say = accelerator.print
     set_seed(args.seed)
     cp = ContextParallel(args.cp_size, layout=args.layout, backend=args.backend, timeout=timeout,
                          check_finite=args.check_finite or None)
-    say(f"[train] {cp}, {accelerator.distributed_type.value}, {accelerator.device}")
+    run = Run(args, accelerator, cp, checkpoint_io)
+    run.say(f"[train] {cp}, {accelerator.distributed_type.value}, {accelerator.device}")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type.value != "FSDP":
-        say("[train] warning: the Accelerate config asks for FSDP, which Accelerate enables only on GPUs; "
-            f"running {accelerator.distributed_type.value} (plain data parallelism) instead")
+        run.say("[train] warning: the Accelerate config asks for FSDP, which Accelerate enables only on GPUs; "
+                f"running {accelerator.distributed_type.value} (plain data parallelism) instead")
+    return run
 
-    base_model = args.model
-    if args.model is None:
+
+def model_folder(run: Run) -> tuple[Path, str]:
+    """The folder to load (--model, or the converted SmolLM2 checkpoint) and the base model's name
+    for the model card (a Hub id for SmolLM2, else the --model path)."""
+    if run.args.model is None:
         from hf_striped.tools.pretrained import smollm2_folder
 
-        with accelerator.main_process_first():  # converts once, then every rank reads the cache
+        with run.accelerator.main_process_first():  # converts once, then every rank reads the cache
             model_dir = smollm2_folder()
-        base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    else:
-        model_dir = Path(args.model)
-        if not (model_dir / "config.json").is_file():
-            raise SystemExit(f"--model {model_dir}: not a model folder (no config.json)")
-    try:  # safetensors only: a pickled pytorch_model.bin could run code when loaded
-        model = AutoModelForCausalLM.from_pretrained(
+        return model_dir, "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model_dir = Path(run.args.model)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"--model {model_dir}: not a model folder (no config.json)")
+    return model_dir, run.args.model
+
+
+def load_weights(model_dir: Path):
+    """The causal LM of ``model_dir`` in fp32 with striped ring attention, from safetensors only:
+    a pickled pytorch_model.bin could run code when loaded."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_striped
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
             model_dir, attn_implementation=hf_striped.ATTN_IMPLEMENTATION, dtype=torch.float32, use_safetensors=True
         )
     except OSError as exc:
@@ -182,8 +225,18 @@ def main(argv=None) -> int:
             "weights (pytorch_model.bin), which can run code. Convert the folder once, from a source you trust: "
             "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) (writes model.safetensors)"
         ) from None
+
+
+def build_model(run: Run) -> tuple[Any, Any, str]:
+    """The model ready for the ring (no attention dropout, --seq-len within its positions, optional
+    gradient checkpointing), its tokenizer (None if the folder has none) and the base model's name."""
+    from transformers import AutoTokenizer
+
+    args = run.args
+    model_dir, base_model = model_folder(run)
+    model = load_weights(model_dir)
     if getattr(model.config, "attention_dropout", 0.0):
-        say(f"[train] setting attention_dropout {model.config.attention_dropout} -> 0 (the ring computes no dropout)")
+        run.say(f"[train] setting attention_dropout {model.config.attention_dropout} -> 0 (the ring computes no dropout)")
         model.config.attention_dropout = 0.0
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
@@ -194,177 +247,256 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError):
         tokenizer = None
+    return model, tokenizer, base_model
+
+
+def build_data(run: Run, model, tokenizer) -> Data:
+    """Tokenize (rank 0 first; the others reuse the datasets cache) and pack or truncate the rows
+    to --seq-len; a seeded, shuffling loader over them, sharded over data-parallel replicas."""
+    from hf_striped.tools.textdata import load_rows, pack, truncate
+
+    args, cp = run.args, run.cp
     eos = getattr(model.config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, list) else eos
     pad = getattr(model.config, "pad_token_id", None)
     pad = eos if pad is None else pad
-    with accelerator.main_process_first():  # datasets' cache: rank 0 tokenizes, the others reuse it
-        rows, data_desc = load_rows(args.data, args.text_column)
+    with run.accelerator.main_process_first():
+        rows, description = load_rows(args.data, args.text_column)
         if args.no_pack:
             dataset = truncate(rows, tokenizer, args.seq_len, args.text_column)
         else:
             dataset = pack(rows, tokenizer, args.seq_len, args.text_column, eos_id=eos)
-    say(f"[train] data: {data_desc}: {len(dataset)} sequences of {'up to ' if args.no_pack else ''}{args.seq_len} tokens")
-    per_step = args.batch_size * args.grad_accum * cp.dp_size
+    run.say(f"[train] data: {description}: {len(dataset)} sequences of {'up to ' if args.no_pack else ''}{args.seq_len} tokens")
     if len(dataset) < args.batch_size * cp.dp_size:
         raise SystemExit(f"only {len(dataset)} packed sequences for {cp.dp_size} replica(s) x batch {args.batch_size}: add data or shorten --seq-len")
-
+    max_pos = getattr(model.config, "max_position_embeddings", None)
     collate = cp.collator(pad_token_id=pad or 0, max_length=max_pos, pad_ragged=args.no_pack)
     # Its own generator: starting an iterator then draws its base seed from that, not from the global
     # torch RNG, so a run resumed mid-epoch continues the global RNG exactly (dropout, sampling).
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
-    loader = cp.prepare_dataloader(loader, device=accelerator.device, seed=args.seed)
+    loader = cp.prepare_dataloader(loader, device=run.accelerator.device, seed=args.seed)
+    return Data(dataset, collate, loader, description)
 
+
+def build_optimizer(run: Run, model) -> dict[str, Any]:
+    """AdamW and a cosine schedule with warmup; returns ``model``, ``optimizer``, ``scheduler``
+    (the arguments the checkpoint functions take), model and optimizer prepared by Accelerate."""
+    from transformers import get_scheduler
+
+    args = run.args
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = run.accelerator.prepare(model, optimizer)
     # Not accelerator.prepare(scheduler): that would step it once per process, assuming a data
     # loader split over all processes; ours is split over data-parallel replicas only. Our
     # checkpoints save it themselves (as JSON).
-    trained = dict(model=model, optimizer=optimizer, scheduler=scheduler)
+    return dict(model=model, optimizer=optimizer, scheduler=scheduler)
 
-    out_dir = Path(args.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    state = {"step": 0, "batches_seen": 0, "losses": [], "tokens": 0, "dp_size": cp.dp_size}
-    if main_proc:  # before choosing: puts back a checkpoint a killed re-save had moved aside
-        for p in remove_incomplete(ckpt_root):
-            say(f"[train] removed {p.name}, left by a save that never finished")
-    accelerator.wait_for_everyone()
-    resume = None if args.resume == "never" else latest_checkpoint(ckpt_root) if args.resume == "auto" else Path(args.resume)
-    start = 0 if resume is None else checkpoint_step(resume)
-    ahead = [p.name for p in complete_checkpoints(ckpt_root) if checkpoint_step(p) > start]
-    if ahead:  # another run's checkpoints: resuming or pruning would mix the two runs
-        raise SystemExit(
-            f"{ckpt_root} holds checkpoints ahead of where this run starts (step {start}): {', '.join(ahead)}. "
-            "Use a new --output-dir, --resume auto to continue that run, or delete them."
-        )
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume, **trained)
-        saved = {**state.get("args", {}), "dp_size": state.get("dp_size", cp.dp_size)}
-        now = {**vars(args), "dp_size": cp.dp_size}
-        changed = [k for k in ("seq_len", "no_pack", "batch_size", "grad_accum", "data", "seed", "model", "dp_size") if k in saved and saved[k] != now[k]]
-        if changed:
-            raise SystemExit(
-                f"{resume} was written with different {', '.join(k if k == 'dp_size' else '--' + k.replace('_', '-') for k in changed)} "
-                f"({', '.join(f'{saved[k]!r}' for k in changed)}); its data position would not mean the same thing "
-                "(dp_size = processes / --cp-size). Use the same arguments, --resume never, or a new --output-dir."
-            )
-        for k in ("lr", "warmup_steps", "steps", "weight_decay"):
-            if k in saved and saved[k] != now[k]:
-                say(f"[train] warning: --{k.replace('_', '-')} was {saved[k]!r} when {resume.name} was saved; the restored "
-                    "optimizer and scheduler keep their state, so the new value changes the schedule from here on")
-        state["dp_size"] = cp.dp_size
-        say(f"[train] resumed from {resume} (step {state['step']}, {state['batches_seen']} batches seen)")
-    elif args.resume == "auto" and ckpt_root.exists():
-        say(f"[train] no complete checkpoint in {ckpt_root}; starting from step 0")
 
-    data = batches(loader, state["batches_seen"])
-    bar = tqdm(total=args.steps, initial=state["step"], desc="train", disable=not main_proc or args.no_progress, dynamic_ncols=True)
-    log_path = out_dir / "log.jsonl"
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():  # rows of steps after the checkpoint we resume from are redone: drop them
-            rows = [r for r in log_path.read_text().splitlines() if r.strip()]
-            kept = [r for r in rows if _json_step(r) <= state["step"]]
-            if len(kept) != len(rows):
-                tmp_log = log_path.with_name(log_path.name + ".tmp")
-                tmp_log.write_text("".join(r + "\n" for r in kept))
-                os.replace(tmp_log, log_path)  # a kill here leaves the old log, never half of it
-    model.train()
+def resume(run: Run, trained: dict[str, Any]) -> dict[str, Any]:
+    """Restore the checkpoint --resume names (after cleaning up saves that never finished) into
+    ``trained`` and return its trainer state (step, batches seen, losses, tokens); a fresh state
+    when there is none. Refuses checkpoints ahead of the start and changed data arguments."""
+    from hf_striped.training.checkpoint import checkpoint_step, load_checkpoint, remove_incomplete
+    from hf_striped.training.resume import ResumeError, check_no_checkpoints_ahead, check_resume_compatible, choose_checkpoint
+
+    args, root = run.args, run.ckpt_root
+    if run.main_proc:  # before choosing: puts back a checkpoint a killed re-save had moved aside
+        for p in remove_incomplete(root, run.checkpoint_io):
+            run.say(f"[train] removed {p.name}, left by a save that never finished")
+    run.accelerator.wait_for_everyone()
+    path = choose_checkpoint(root, args.resume)
+    try:
+        check_no_checkpoints_ahead(root, 0 if path is None else checkpoint_step(path))
+        if path is None:
+            if args.resume == "auto" and root.exists():
+                run.say(f"[train] no complete checkpoint in {root}; starting from step 0")
+            return {"step": 0, "batches_seen": 0, "losses": [], "tokens": 0, "dp_size": run.cp.dp_size}
+        state = load_checkpoint(run.accelerator, path, **trained)
+        warnings = check_resume_compatible(path, state, vars(args), run.cp.dp_size)
+    except ResumeError as exc:
+        raise SystemExit(str(exc)) from None
+    for warning in warnings:
+        run.say(f"[train] warning: {warning}")
+    state["dp_size"] = run.cp.dp_size
+    run.say(f"[train] resumed from {path} (step {state['step']}, {state['batches_seen']} batches seen)")
+    return state
+
+
+def train_step(run: Run, trained: dict[str, Any], data, step: int) -> tuple[float, torch.Tensor]:
+    """Optimizer step ``step + 1`` on the next --grad-accum micro-batches of ``data``: returns the
+    step's loss (the exact global token mean) and its number of target tokens (whole world)."""
+    args, cp, accelerator = run.args, run.cp, run.accelerator
+    model, optimizer, scheduler = trained["model"], trained["optimizer"], trained["scheduler"]
+    micro = [next(data) for _ in range(args.grad_accum)]
+    n_items = cp.num_items(micro)
+    cp.train_step = step + 1  # named by --check-finite's errors
+    step_loss = 0.0
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+            loss, out = cp.forward(model, batch, n_items.to(accelerator.device))
+            accelerator.backward(loss)
+        step_loss += float(out.loss.detach())
+    if args.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = float(cp.reduce_sum(step_loss))
+    if not math.isfinite(loss_value):
+        raise SystemExit(f"step {step + 1}: the loss is {loss_value}; stopping (lower --lr?)")
+    return loss_value, n_items
+
+
+def record_step(run: Run, state: dict[str, Any], loss: float, n_items: torch.Tensor, seconds: float, lr: float, bar) -> None:
+    """Count a finished step in ``state``; on rank 0 append its row to log.jsonl and show it."""
+    args = run.args
+    state["step"] += 1
+    state["batches_seen"] += args.grad_accum
+    state["losses"].append(loss)
+    # tokens with a target (packed rows: seq_len - 1 each), over the whole step
+    step_tokens = int(n_items) if args.no_pack else args.batch_size * args.grad_accum * run.cp.dp_size * args.seq_len
+    state["tokens"] += step_tokens
+    mem = peak_memory_gib(run.accelerator.device)
+    # a fingerprint of this rank's torch RNG state: a resumed run must continue it exactly
+    rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+    record = dict(step=state["step"], loss=loss, rng=rng, lr=lr, tokens_per_s=step_tokens / seconds, seconds=seconds, peak_mem_gib_rank0=mem)
+    if run.main_proc:
+        with (run.out_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{mem:.1f}GiB")
+        bar.update(1)
+        if args.no_progress:
+            print(f"[train] step {state['step']}/{args.steps} loss {loss:.6f} {record['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+def maybe_checkpoint(run: Run, state: dict[str, Any], trained: dict[str, Any], bar) -> None:
+    """Every --save-every steps, and after the last, write a checkpoint (every rank takes part)."""
+    from hf_striped.training.checkpoint import save_checkpoint
+
+    args = run.args
+    if args.save_every and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
+        path = save_checkpoint(run.accelerator, run.ckpt_root, state["step"], {**state, "args": vars(args)},
+                               keep=args.keep_checkpoints, io=run.checkpoint_io, **trained)
+        if run.main_proc:
+            bar.write(f"[train] checkpoint {path}")
+
+
+def train(run: Run, trained: dict[str, Any], data: Data, state: dict[str, Any]) -> None:
+    """Run the optimizer steps from ``state["step"]`` to --steps, continuing the data where
+    ``state`` says; log.jsonl first loses the rows of steps that are redone."""
+    from tqdm.auto import tqdm
+
+    from hf_striped.training.resume import truncate_log
+
+    args = run.args
+    stream = batches(data.loader, state["batches_seen"])
+    bar = tqdm(total=args.steps, initial=state["step"], desc="train", disable=not run.main_proc or args.no_progress, dynamic_ncols=True)
+    if run.main_proc:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(run.out_dir / "log.jsonl", state["step"])
+    trained["model"].train()
     while state["step"] < args.steps:
         t0 = time.perf_counter()
-        micro = [next(data) for _ in range(args.grad_accum)]
-        n_items = cp.num_items(micro)
-        cp.train_step = state["step"] + 1  # named by --check-finite's errors
-        step_loss = 0.0
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss, out = cp.forward(model, batch, n_items.to(accelerator.device))
-                accelerator.backward(loss)
-            step_loss += float(out.loss.detach())
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(cp.reduce_sum(step_loss))
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"step {state['step'] + 1}: the loss is {loss_value}; stopping (lower --lr?)")
+        loss, n_items = train_step(run, trained, stream, state["step"])
         dt = time.perf_counter() - t0
-        state["step"] += 1
-        state["batches_seen"] += args.grad_accum
-        state["losses"].append(loss_value)
-        # tokens with a target (packed rows: seq_len - 1 each), over the whole step
-        step_tokens = int(n_items) if args.no_pack else per_step * args.seq_len
-        state["tokens"] += step_tokens
-        mem = peak_memory_gib(accelerator.device)
-        # a fingerprint of this rank's torch RNG state: a resumed run must continue it exactly
-        rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
-        record = dict(step=state["step"], loss=loss_value, rng=rng, lr=scheduler.get_last_lr()[0], tokens_per_s=step_tokens / dt, seconds=dt, peak_mem_gib_rank0=mem)
-        if main_proc:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{mem:.1f}GiB")
-            bar.update(1)
-            if args.no_progress:
-                print(f"[train] step {state['step']}/{args.steps} loss {loss_value:.6f} {record['tokens_per_s']:.0f} tok/s", flush=True)
-        if args.save_every and (state["step"] % args.save_every == 0 or state["step"] == args.steps):
-            path = save_checkpoint(accelerator, ckpt_root, state["step"], {**state, "args": vars(args)}, keep=args.keep_checkpoints, **trained)
-            if main_proc:
-                bar.write(f"[train] checkpoint {path}")
+        record_step(run, state, loss, n_items, dt, trained["scheduler"].get_last_lr()[0], bar)
+        maybe_checkpoint(run, state, trained, bar)
     bar.close()
 
-    # Probe: the trained model's CP logits of the first sequence, in natural order (tests compare
-    # them with the saved folder loaded by plain Transformers).
-    probe = cp.check_batch(collate([dataset[0]]))
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    with torch.no_grad(), cp.context():
-        logits = unwrapped(input_ids=probe["input_ids"].to(accelerator.device), position_ids=probe["position_ids"].to(accelerator.device), use_cache=False).logits
-    full_logits = cp.gather(logits.float())
 
-    final = out_dir / "final"
-    accelerator.wait_for_everyone()
-    if main_proc:
-        from safetensors.torch import save_file
+def probe_logits(run: Run, model, data: Data) -> torch.Tensor:
+    """The trained model's CP logits of the first sequence, gathered in natural order (tests compare
+    them with the saved folder loaded by plain Transformers). Leaves ``model`` in eval mode."""
+    probe = run.cp.check_batch(data.collate([data.dataset[0]]))
+    model.eval()
+    device = run.accelerator.device
+    with torch.no_grad(), run.cp.context():
+        logits = model(input_ids=probe["input_ids"].to(device), position_ids=probe["position_ids"].to(device), use_cache=False).logits
+    return run.cp.gather(logits.float())
 
-        tmp = out_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file({"input_ids": torch.tensor([dataset[0]["input_ids"]]), "logits": full_logits.cpu().contiguous()}, str(out_dir / "probe.safetensors"))
-        losses = state["losses"]
-        info = dict(
-            model_name=f"{Path(str(base_model)).name}-cp{args.cp_size}-{args.layout}-{args.seq_len}",
-            seq_len=args.seq_len, cp_size=args.cp_size, layout=args.layout, dp_size=cp.dp_size, data=data_desc,
-            steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
-            scheduler=f"cosine, {args.warmup_steps} warmup steps", precision=args.precision,
-            final_loss=f"{losses[-1]:.4f}" if losses else "n/a", tokens=f"{state['tokens']:,}",
-            hardware=hardware(cp.world_size), versions=library_versions(),
-            date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), repo_or_path=args.push_to_hub or str(final.resolve()),
-        )
-        card = render_card(info, base_model=str(base_model), license="apache-2.0" if args.model is None else None)
-        card.save(tmp / "README.md")
-        (tmp / "training_log.json").write_text(json.dumps({"losses": losses, "args": vars(args)}, indent=1))
-        plot_losses(losses, tmp / "loss.png")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        print(f"[train] final loss {losses[-1]:.6f} after {args.steps} steps" if losses else "[train] no steps run")
-        print(f"[train] model folder: {final}")
-        print(f"[train] model card:   {final / 'README.md'}")
-        print(f"[train] checkpoints:  {ckpt_root}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if main_proc and args.push_to_hub:  # after the collectives: a failed upload leaves no rank waiting
+
+def card_info(run: Run, data: Data, state: dict[str, Any], base_model: str, final: Path) -> dict[str, Any]:
+    """The model card's fields for this run."""
+    from hf_striped.tools.model_card import hardware, library_versions
+
+    args, losses = run.args, state["losses"]
+    return dict(
+        model_name=f"{Path(str(base_model)).name}-cp{args.cp_size}-{args.layout}-{args.seq_len}",
+        seq_len=args.seq_len, cp_size=args.cp_size, layout=args.layout, dp_size=run.cp.dp_size, data=data.description,
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+        scheduler=f"cosine, {args.warmup_steps} warmup steps", precision=args.precision,
+        final_loss=f"{losses[-1]:.4f}" if losses else "n/a", tokens=f"{state['tokens']:,}",
+        hardware=hardware(run.cp.world_size), versions=library_versions(),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), repo_or_path=args.push_to_hub or str(final.resolve()),
+    )
+
+
+def write_final(run: Run, model, tokenizer, data: Data, state: dict[str, Any], base_model: str, logits: torch.Tensor) -> Path:
+    """On rank 0: the Hugging Face model folder ``<output-dir>/final`` (weights, tokenizer, model
+    card, loss log and plot), built under a temporary name and renamed into place, and the probe
+    (``probe.safetensors``: the first sequence's ids and ``logits``). Returns the folder."""
+    from safetensors.torch import save_file
+
+    from hf_striped.tools.model_card import render_card
+
+    args, out_dir, losses = run.args, run.out_dir, state["losses"]
+    final, tmp = out_dir / "final", out_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    save_file({"input_ids": torch.tensor([data.dataset[0]["input_ids"]]), "logits": logits.cpu().contiguous()}, str(out_dir / "probe.safetensors"))
+    card = render_card(card_info(run, data, state, base_model, final), base_model=str(base_model),
+                       license="apache-2.0" if args.model is None else None)
+    card.save(tmp / "README.md")
+    (tmp / "training_log.json").write_text(json.dumps({"losses": losses, "args": vars(args)}, indent=1))
+    plot_losses(losses, tmp / "loss.png")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    print(f"[train] final loss {losses[-1]:.6f} after {args.steps} steps" if losses else "[train] no steps run")
+    print(f"[train] model folder: {final}")
+    print(f"[train] model card:   {final / 'README.md'}")
+    print(f"[train] checkpoints:  {run.ckpt_root}")
+    return final
+
+
+def finalize(run: Run, trained: dict[str, Any], tokenizer, data: Data, state: dict[str, Any], base_model: str) -> int:
+    """Probe, write the final folder, end the process groups, then upload (--push-to-hub).
+    Returns the exit status: 3 if the upload failed (the local folder is intact)."""
+    from hf_striped.tools.model_card import push_folder
+
+    model = run.accelerator.unwrap_model(trained["model"])
+    logits = probe_logits(run, model, data)
+    final = run.out_dir / "final"
+    run.accelerator.wait_for_everyone()
+    if run.main_proc:
+        write_final(run, model, tokenizer, data, state, base_model, logits)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    if run.main_proc and run.args.push_to_hub:  # after the collectives: a failed upload leaves no rank waiting
         try:
-            print(f"[train] uploaded to {push_folder(final, args.push_to_hub, private=args.hub_private)}")
+            print(f"[train] uploaded to {push_folder(final, run.args.push_to_hub, private=run.args.hub_private)}")
         except RuntimeError as exc:
             print(f"[train] error: {exc}", file=sys.stderr)
             return 3
     return 0
+
+
+def main(argv: list[str] | None = None, *, checkpoint_io: CheckpointIO | None = None) -> int:
+    """Run the training job with the command-line arguments ``argv`` (default: ``sys.argv[1:]``);
+    returns the exit status. ``checkpoint_io``: the checkpoint file operations (default: the real
+    ones), e.g. hooks that stop the run half-way through a save."""
+    args = parse_args(argv)
+    run = start(args, checkpoint_io)
+    model, tokenizer, base_model = build_model(run)
+    data = build_data(run, model, tokenizer)
+    trained = build_optimizer(run, model)
+    state = resume(run, trained)
+    train(run, trained, data, state)
+    return finalize(run, trained, tokenizer, data, state, base_model)
 
 
 if __name__ == "__main__":

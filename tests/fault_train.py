@@ -1,8 +1,10 @@
 """scripts/train.py with a stop in the middle of a checkpoint save, for tests/test_kill_during_save.py.
 
-Launched instead of scripts/train.py (same arguments). With ``HF_STRIPED_TEST_PAUSE_AT=<phase>:<step>``
-the main process, on reaching ``<phase>`` for the checkpoint folder of step ``<step>``, writes the
-file ``HF_STRIPED_TEST_PAUSE_MARKER`` and sleeps until the test SIGKILLs every process. Phases:
+Launched instead of scripts/train.py (same arguments): runs train.py's ``main`` with checkpoint
+file operations (``hf_striped.training.checkpoint.CheckpointIO``) that stop at one point. With
+``HF_STRIPED_TEST_PAUSE_AT=<phase>:<step>`` the main process, on reaching ``<phase>`` for the
+checkpoint folder of step ``<step>``, writes the file ``HF_STRIPED_TEST_PAUSE_MARKER`` and sleeps
+until the test SIGKILLs every process. Phases:
 
 - ``weights``: ``model.safetensors`` of the save half written (the file truncated to half its size);
 - ``state``: every other file written, ``trainer_state.json`` not yet;
@@ -13,13 +15,13 @@ file ``HF_STRIPED_TEST_PAUSE_MARKER`` and sleeps until the test SIGKILLs every p
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import runpy
 import sys
 import time
 from pathlib import Path
 
-from hf_striped.training import checkpoint
+from hf_striped.training.checkpoint import MODEL_FILE, STATE_FILE, CheckpointIO
 
 TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
@@ -37,41 +39,48 @@ def _pause(what: str) -> None:
         time.sleep(60)
 
 
-def install(phase: str, step: int) -> None:
-    write_weights, write_json, rename, remove_tree = (
-        checkpoint._write_weights, checkpoint._write_json, checkpoint._rename, checkpoint._remove_tree,
-    )
+def pausing_io(phase: str, step: int) -> CheckpointIO:
+    """The real checkpoint file operations, except that the one of ``phase`` for the checkpoint
+    folder of ``step`` pauses this process (see the module docstring)."""
+    real = CheckpointIO()
 
-    def weights(model, path):
-        write_weights(model, path)
+    def write_weights(model, path):
+        real.write_weights(model, path)
         if phase == "weights" and _step_of(path.parent) == step:
             size = path.stat().st_size
             os.truncate(path, size // 2)
             _pause(f"{path} truncated from {size} to {size // 2} bytes")
 
-    def json_file(path, data):
-        if phase == "state" and path.name == checkpoint.STATE_FILE and _step_of(path.parent) == step:
+    def write_json(path, data):
+        if phase == "state" and path.name == STATE_FILE and _step_of(path.parent) == step:
             _pause(f"before writing {path}")
-        write_json(path, data)
+        real.write_json(path, data)
 
-    def ren(src, dst):
+    def rename(src, dst):
         if phase == "rename" and src.name.endswith(".tmp") and _step_of(src) == step:
             _pause(f"before renaming {src} to {dst}")
-        rename(src, dst)
+        real.rename(src, dst)
 
-    def rmtree(path):
+    def remove_tree(path):
         if phase == "prune" and path.name.endswith(".del") and _step_of(path) == step and path.exists():
-            (path / checkpoint.MODEL_FILE).unlink()
+            (path / MODEL_FILE).unlink()
             _pause(f"half-way through deleting {path}")
-        remove_tree(path)
+        real.remove_tree(path)
 
-    checkpoint._write_weights, checkpoint._write_json = weights, json_file
-    checkpoint._rename, checkpoint._remove_tree = ren, rmtree
+    return CheckpointIO(write_weights=write_weights, write_json=write_json, write_optimizer=real.write_optimizer,
+                        rename=rename, remove_tree=remove_tree)
+
+
+def _train_main():
+    """scripts/train.py's ``main`` (scripts/ is not a package: loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered before it runs, as an import would (dataclasses look it up)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 if __name__ == "__main__":
     phase, step = os.environ["HF_STRIPED_TEST_PAUSE_AT"].split(":")
-    if int(os.environ.get("RANK", "0")) == 0:
-        install(phase, int(step))
-    sys.argv = [str(TRAIN), *sys.argv[1:]]
-    runpy.run_path(str(TRAIN), run_name="__main__")
+    io = pausing_io(phase, int(step)) if int(os.environ.get("RANK", "0")) == 0 else None
+    sys.exit(_train_main()(sys.argv[1:], checkpoint_io=io))

@@ -157,11 +157,12 @@ def model_mismatch(rank: int, world: int, model_dir: str, other_dir: str, what: 
 
 def save_fails_on_main(rank: int, world: int, root: str):
     """hf_striped.training.checkpoint.save_checkpoint where the main process's weight write fails (a full
-    disk): every rank must raise at once, and the previous checkpoint must stay intact."""
+    disk, injected through the ``io`` hooks): every rank must raise at once, and the previous
+    checkpoint must stay intact."""
     import torch
     import torch.distributed as dist
 
-    from hf_striped.training import checkpoint
+    from hf_striped.training.checkpoint import CheckpointIO, save_checkpoint
 
     class Acc:  # what save_checkpoint uses of accelerate.Accelerator
         is_main_process, process_index, device = rank == 0, rank, torch.device("cpu")
@@ -174,18 +175,14 @@ def save_fails_on_main(rank: int, world: int, root: str):
 
     model = torch.nn.Linear(3, 3)
     opt = torch.optim.AdamW(model.parameters())
-    checkpoint.save_checkpoint(Acc(), root, 1, {"losses": []}, model=model, optimizer=opt)  # a good one first
-    original = checkpoint._write_weights
+    save_checkpoint(Acc(), root, 1, {"losses": []}, model=model, optimizer=opt)  # a good one first
 
-    def full_disk(*args, **kwargs):
+    def full_disk(model, path):
         raise OSError(28, "No space left on device")
 
-    checkpoint._write_weights = full_disk
     t0 = time.monotonic()
     try:
-        checkpoint.save_checkpoint(Acc(), root, 2, {"losses": []}, model=model, optimizer=opt)
+        save_checkpoint(Acc(), root, 2, {"losses": []}, model=model, optimizer=opt, io=CheckpointIO(write_weights=full_disk))
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc), time.monotonic() - t0
-    finally:
-        checkpoint._write_weights = original
     return None, "", time.monotonic() - t0

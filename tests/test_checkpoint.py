@@ -5,8 +5,10 @@ under `accelerate launch` is tested end to end in test_train_script.py and test_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from transformers import get_scheduler
 
 from hf_striped.training.checkpoint import (
     STATE_FILE,
+    CheckpointIO,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -151,6 +154,41 @@ def test_a_half_pruned_checkpoint_is_never_complete(tmp_path):
     assert names(tmp_path) == ["step-00000004"]
     assert [p.name for p in remove_incomplete(tmp_path)] == [".step-00000002.del"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
+def test_every_file_operation_goes_through_the_io_hooks(tmp_path):
+    """Each field of CheckpointIO is called for its files and folders, in the order that makes a
+    save atomic; a hook that fails leaves the previous checkpoint the newest complete one."""
+    real, calls = CheckpointIO(), []
+
+    def logged(name):
+        def op(*args):
+            calls.append((name, *(a.name for a in args if isinstance(a, Path))))
+            return getattr(real, name)(*args)
+        return op
+
+    io = CheckpointIO(**{f.name: logged(f.name) for f in dataclasses.fields(CheckpointIO)})
+    save(tmp_path, 2, {})
+    save_checkpoint(OneProcess(), tmp_path, 4, {}, keep=1, io=io, **trained())
+    print(calls)
+    assert calls == [
+        ("remove_tree", ".step-00000004.tmp"),
+        ("write_json", "rng_state_0.json"), ("write_weights", "model.safetensors"),
+        ("write_optimizer", "optimizer.pt"), ("write_json", "scheduler.json"),
+        ("write_json", STATE_FILE), ("rename", ".step-00000004.tmp", "step-00000004"),
+        ("remove_tree", ".step-00000002.del"), ("rename", "step-00000002", ".step-00000002.del"),
+        ("remove_tree", ".step-00000002.del"),
+    ]
+
+    def full_disk(state, path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(OneProcess(), tmp_path, 6, {}, io=dataclasses.replace(io, write_optimizer=full_disk), **trained())
+    assert names(tmp_path) == ["step-00000004"]
+    calls.clear()
+    assert [p.name for p in remove_incomplete(tmp_path, io=io)] == [".step-00000006.tmp"]
+    assert calls == [("remove_tree", ".step-00000006.tmp")]
 
 
 def test_keep_must_be_positive(tmp_path):

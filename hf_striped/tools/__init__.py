@@ -1,2 +1,2 @@
 """Helpers the scripts share: the pretrained SmolLM2 checkpoint, text data for the demo job,
-model cards, and memory accounting for benchmarks and tests."""
+model cards, memory accounting for benchmarks and tests, and matplotlib for plots."""

@@ -26,8 +26,9 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,10 +56,6 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
-
-
-# The file operations below are module functions so that tests/fault_train.py can stop a real
-# training process in the middle of each one.
 
 
 def _fsync(path: Path) -> None:
@@ -100,13 +97,38 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _delete(path: Path) -> None:
+@dataclass(frozen=True)
+class CheckpointIO:
+    """The file operations of a checkpoint save, prune and clean-up, each one replaceable.
+
+    Every field defaults to the real operation; ``save_checkpoint`` and ``remove_incomplete`` take
+    an instance as ``io=``. Replacing a field (``dataclasses.replace(CheckpointIO(), rename=...)``)
+    lets a caller observe or interrupt a save at an exact point, e.g. a test that stops a real
+    training process half-way through writing the weights. A replacement should do the real
+    operation too (call the default) unless it means to fail.
+
+    Fields:
+        write_weights: ``(model, path)``: the unwrapped model's weights as safetensors, fsynced.
+        write_json: ``(path, data)``: a JSON file, fsynced (RNG states, scheduler, trainer state).
+        write_optimizer: ``(state_dict, path)``: the optimizer state with ``torch.save``, fsynced.
+        rename: ``(src, dst)``: an atomic rename (``os.replace``) of a file or folder.
+        remove_tree: ``(path)``: delete a folder and everything in it; a missing one is no error.
+    """
+
+    write_weights: Callable[[torch.nn.Module, Path], None] = _write_weights
+    write_json: Callable[[Path, Any], None] = _write_json
+    write_optimizer: Callable[[dict, Path], None] = _write_optimizer
+    rename: Callable[[Path, Path], None] = _rename
+    remove_tree: Callable[[Path], None] = _remove_tree
+
+
+def _delete(path: Path, io: CheckpointIO) -> None:
     """Delete a checkpoint folder: first rename it to a hidden ``.del`` name (atomic), so a kill
     mid-deletion never leaves a half-deleted folder under a complete checkpoint's name."""
     trash = path.with_name(f".{path.name}.del")
-    _remove_tree(trash)
-    _rename(path, trash)
-    _remove_tree(trash)
+    io.remove_tree(trash)
+    io.rename(path, trash)
+    io.remove_tree(trash)
 
 
 def _rng_state() -> dict:
@@ -139,17 +161,20 @@ def _to_tuple(x):
 
 
 def save_checkpoint(
-    accelerator, root: str | Path, step: int, state: dict, *, model, optimizer, scheduler=None, keep: int | None = None
+    accelerator, root: str | Path, step: int, state: dict, *, model, optimizer, scheduler=None, keep: int | None = None,
+    io: CheckpointIO | None = None,
 ) -> Path:
     """Write checkpoint ``step-<step>`` under ``root`` on every rank (collective); return its path.
 
     ``model`` and ``optimizer`` as returned by ``accelerator.prepare``; ``scheduler``: any object
     with a JSON-serialisable ``state_dict()`` (``torch.optim.lr_scheduler.LambdaLR`` with plain
     functions or ``functools.partial``). ``state`` must be JSON-serialisable. ``keep``: delete older
-    complete checkpoints beyond the newest ``keep``.
+    complete checkpoints beyond the newest ``keep``. ``io``: the file operations to use (default:
+    the real ones, see ``CheckpointIO``).
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 (or None to keep every checkpoint), got {keep}")
+    io = io or CheckpointIO()
     root = Path(root)
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     main = accelerator.is_main_process
@@ -157,36 +182,23 @@ def save_checkpoint(
     def prepare():
         if main:
             root.mkdir(parents=True, exist_ok=True)
-            _remove_tree(tmp)
+            io.remove_tree(tmp)
             tmp.mkdir()
 
     def write_files():
-        _write_json(tmp / _rng_file(accelerator.process_index), _rng_state())  # every rank its own
+        io.write_json(tmp / _rng_file(accelerator.process_index), _rng_state())  # every rank its own
         if main:
-            _write_weights(accelerator.unwrap_model(model), tmp / MODEL_FILE)
-            _write_optimizer(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            io.write_weights(accelerator.unwrap_model(model), tmp / MODEL_FILE)
+            io.write_optimizer(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             if scheduler is not None:
-                _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+                io.write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
 
     def publish():
-        if not main:
-            return
-        _write_json(tmp / STATE_FILE, {**state, "step": step})  # last: marks the folder complete
-        _fsync(tmp)
-        if final.exists():  # a re-save of this step: move the old one out of the way first
-            old = root / f".step-{step:08d}.old"
-            _remove_tree(old)
-            _rename(final, old)  # a kill here: remove_incomplete() puts the old one back
-            _rename(tmp, final)
-            _fsync(root)
-            _remove_tree(old)
-        else:
-            _rename(tmp, final)  # the checkpoint becomes visible complete, or not at all
-            _fsync(root)
-        if keep is not None:  # prune older ones only: never a checkpoint ahead of this one
-            older = [p for p in complete_checkpoints(root) if checkpoint_step(p) < step]
-            for p in older[: max(0, len(older) - (keep - 1))]:
-                _delete(p)
+        if main:
+            io.write_json(tmp / STATE_FILE, {**state, "step": step})  # last: marks the folder complete
+            _publish(tmp, final, io)
+            if keep is not None:
+                _prune(root, step, keep, io)
 
     # Each phase ends where every rank agrees it went well (instead of a bare barrier), so a
     # failure on one rank (a full disk on the main process) fails every rank at once rather than
@@ -199,6 +211,32 @@ def save_checkpoint(
             error = exc
         _agree(accelerator, error, f"{phase} checkpoint {final.name}")
     return final
+
+
+def _publish(tmp: Path, final: Path, io: CheckpointIO) -> None:
+    """Rename the complete folder ``tmp`` to ``final``: the checkpoint becomes visible complete, or
+    not at all. A checkpoint already at ``final`` (a re-save of its step) is moved aside first, to
+    ``.step-N.old``, and deleted once the new one is in place."""
+    root = final.parent
+    _fsync(tmp)
+    if final.exists():
+        old = root / f".{final.name}.old"
+        io.remove_tree(old)
+        io.rename(final, old)  # a kill here: remove_incomplete() puts the old one back
+        io.rename(tmp, final)
+        _fsync(root)
+        io.remove_tree(old)
+    else:
+        io.rename(tmp, final)
+        _fsync(root)
+
+
+def _prune(root: Path, step: int, keep: int, io: CheckpointIO) -> None:
+    """Delete complete checkpoints older than ``step`` beyond the newest ``keep - 1`` of them (the
+    one of ``step`` is the ``keep``-th); never a checkpoint ahead of ``step``."""
+    older = [p for p in complete_checkpoints(root) if checkpoint_step(p) < step]
+    for p in older[: max(0, len(older) - (keep - 1))]:
+        _delete(p, io)
 
 
 def _agree(accelerator, error: BaseException | None, what: str) -> None:
@@ -221,14 +259,16 @@ def checkpoint_step(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def remove_incomplete(root: str | Path) -> list[Path]:
+def remove_incomplete(root: str | Path, io: CheckpointIO | None = None) -> list[Path]:
     """Clean up after saves and prunes that never finished (a kill mid-save); return what was deleted.
 
     Deletes ``.step-N.tmp`` (an unfinished save) and ``.step-N.del`` (an unfinished prune). A
     ``.step-N.old`` is a complete checkpoint moved aside by a re-save of step N: it is renamed back
     to ``step-N`` if the kill came before the new one took its place, else deleted. Call it on one
-    process, before choosing the checkpoint to resume from.
+    process, before choosing the checkpoint to resume from. ``io``: the file operations to use
+    (default: the real ones, see ``CheckpointIO``).
     """
+    io = io or CheckpointIO()
     root = Path(root)
     if not root.is_dir():
         return []
@@ -236,13 +276,13 @@ def remove_incomplete(root: str | Path) -> list[Path]:
     for p in sorted(root.glob(".step-*.old")):
         final = root / p.name[1:-len(".old")]
         if not final.exists() and (p / STATE_FILE).is_file():
-            _rename(p, final)
+            io.rename(p, final)
             _fsync(root)
         else:
             removed.append(p)
     removed += sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.del"))
     for p in removed:
-        _remove_tree(p)
+        io.remove_tree(p)
     return removed
 
 
