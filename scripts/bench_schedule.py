@@ -40,7 +40,8 @@ import torch
 from bench_common import RESULTS, Recorder, median, shape_str, timed
 from hf_striped.kernels import BACKENDS, select_kernel
 from hf_striped.core.layout import LAYOUTS, blocks
-from hf_striped.core.schedule import _acc_dtype, backward_step, backward_schedule, forward_schedule, forward_step, kernel_split
+from hf_striped.core.schedule import (RingPlan, _acc_dtype, backward_schedule, backward_step, forward_schedule, forward_step,
+                                      kernel_split)
 from hf_striped.core.transport import run_inprocess
 
 DEFAULT_VARIANTS = ("striped", "striped@256", "zigzag", "contiguous")
@@ -61,15 +62,12 @@ def _inputs(P, b, c, h, hk, d, dtype, device, seed=0):
 
 def _ring(P, layout, split, qs, ks, vs, douts, kernel, scale):
     """The full ring through the in-process transport: per-rank (out, lse, dq, dk, dv)."""
-    fwd = run_inprocess([
-        forward_schedule(qs[r], ks[r], vs[r], rank=r, world_size=P, layout=layout, causal=True, scale=scale,
-                         kernel=kernel, split=split) for r in range(P)
-    ])
-    outs = [o if getattr(kernel, "backward_in_float32", False) else o.to(qs[0].dtype) for o, _ in fwd]
-    bwd = run_inprocess([
-        backward_schedule(douts[r], qs[r], ks[r], vs[r], outs[r], fwd[r][1], rank=r, world_size=P, layout=layout,
-                          causal=True, scale=scale, kernel=kernel, split=split) for r in range(P)
-    ])
+    plans = [RingPlan(rank=r, world_size=P, layout=layout, causal=True, scale=scale, kernels=kernel, split=split)
+             for r in range(P)]
+    fwd = run_inprocess([forward_schedule(qs[r], ks[r], vs[r], plans[r]) for r in range(P)])
+    outs = [o if kernel.capabilities.float32_backward else o.to(qs[0].dtype) for o, _ in fwd]
+    bwd = run_inprocess([backward_schedule(douts[r], qs[r], ks[r], vs[r], outs[r], fwd[r][1], plans[r])
+                         for r in range(P)])
     return [(fwd[r][0], fwd[r][1], *bwd[r]) for r in range(P)], outs
 
 
@@ -119,7 +117,7 @@ def _stand_in(case: Case, layout: str, r: int) -> tuple[torch.Tensor, torch.Tens
     timing does not depend on their values."""
     o, lt = case.out_lse()
     forward_step(case.qs[r], case.ks[r], case.vs[r], o, lt, blocks(layout, r, r, case.P, case.c, True), case.kernel, case.scale)
-    return (o if getattr(case.kernel, "backward_in_float32", False) else o.to(case.qs[0].dtype),
+    return (o if case.kernel.capabilities.float32_backward else o.to(case.qs[0].dtype),
             lt.transpose(1, 2).contiguous())
 
 

@@ -168,14 +168,15 @@ def check_peer_spread(verdict: Verdict, q, k, group, name: str | None) -> None:
 _SIGNATURE_FIELDS = tuple(peer_signature(*(torch.empty(1, 1, 1, 1),) * 3, "striped", True, None))
 
 
-def _check_peers(q, k, v, group, call: RingCall, local_error: BaseException | None) -> None:
+def _check_peers(q, k, v, group, options: RingOptions, causal: bool, window: int | None, name: str | None,
+                 local_error: BaseException | None) -> None:
     """Every rank of ``group`` must call the ring with the same shapes and settings, or the
     messages it exchanges would not match (a hang, or garbage); and a rank whose own checks
     refused its inputs must not leave its peers waiting in the ring. One :func:`agree`."""
-    verdict = agree(group, peer_signature(q, k, v, call.options.layout, call.causal, call.window),
-                    what=f"{_where(call.name)}: the shape agreement check", timeout=call.options.timeout,
-                    error=local_error, peer_error=rejected_by_peer(call.name))
-    check_peer_spread(verdict, q, k, group, call.name)
+    verdict = agree(group, peer_signature(q, k, v, options.layout, causal, window),
+                    what=f"{_where(name)}: the shape agreement check", timeout=options.timeout,
+                    error=local_error, peer_error=rejected_by_peer(name))
+    check_peer_spread(verdict, q, k, group, name)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -319,7 +320,7 @@ def ring_attention_call(q, k, v, *, group, options: RingOptions, causal: bool = 
     """:func:`ring_attention_with_lse` with already validated ``options`` (the entry points
     build them; the model integration calls this once per layer)."""
     rank, world = group_rank_size(group)
-    local_error, call = None, None
+    local_error = call = None
     try:
         call = _prepare(q, k, v, options, causal=causal, softmax_scale=softmax_scale, softcap=softcap, window=window,
                         sinks=sinks, name=name, train_step=train_step)
@@ -328,8 +329,7 @@ def ring_attention_call(q, k, v, *, group, options: RingOptions, causal: bool = 
             raise
         local_error = exc  # raised by the agreement check, after telling the peers (who would wait in the ring)
     if world > 1 and check_peers:
-        probe = call or RingCall(options=options, causal=causal, scale=1.0, kernels=None, window=window, name=name)
-        _check_peers(q, k, v, group, probe, local_error)
+        _check_peers(q, k, v, group, options, causal, window, name, local_error)
     return _RingAttention.apply(q, k, v, sinks, group, call)
 
 
