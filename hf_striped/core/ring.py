@@ -3,6 +3,7 @@ public function (the three layers flash-attention uses)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import KernelChain, select_kernel
 from ..log import warn_once
+from .documents import Placement, check_cu_seqlens, placement
 from .guards import FiniteGuard, Verdict, agree
 from .layout import BAND_ROWS
 from .options import RingOptions, build_options
@@ -102,6 +104,7 @@ class RingCall:
     softcap: float | None = None
     name: str | None = None
     train_step: int | None = None
+    placement: Placement | None = None
 
     def watch(self, rank: int, world: int) -> Watch:
         """A fresh finite guard (when asked for) and the hooks for ``rank``'s schedule."""
@@ -112,7 +115,8 @@ class RingCall:
     def plan(self, rank: int, world: int, watch: Watch) -> RingPlan:
         """``rank``'s :class:`RingPlan` for :func:`forward_schedule` / :func:`backward_schedule`."""
         return RingPlan(rank=rank, world_size=world, layout=self.options.layout, causal=self.causal, scale=self.scale,
-                        kernels=self.kernels, window=self.window, softcap=self.softcap, watch=watch)
+                        kernels=self.kernels, window=self.window, softcap=self.softcap, watch=watch,
+                        placement=self.placement)
 
 
 def _run(gen, group, call: RingCall, phase: str):
@@ -126,13 +130,24 @@ def _run(gen, group, call: RingCall, phase: str):
 _DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torch.bfloat16, torch.float16))}
 
 
-def peer_signature(q, k, v, layout: str, causal: bool, window: int | None) -> dict[str, int]:
+def peer_signature(q, k, v, layout: str, causal: bool, window: int | None,
+                   bounds: tuple[int, ...] | None = None) -> dict[str, int]:
     """What every rank of a CP group must agree on for its ring messages to match (q/k/v
-    ``[b, c, h, d]``), as the integer fields of :func:`hf_striped.core.guards.agree`."""
+    ``[b, c, h, d]``; ``bounds``: packed documents' boundaries), as the integer fields of
+    :func:`hf_striped.core.guards.agree`."""
     return {"batch": q.shape[0], "tokens per rank": q.shape[1], "query heads": q.shape[2],
             "key/value heads": k.shape[2], "head_dim": q.shape[3], "value head_dim": v.shape[3],
             "dtype": _DTYPE_CODES.get(q.dtype, 99), "layout": ("striped", "contiguous", "zigzag").index(layout),
-            "causal": int(causal), "window": window or 0}
+            "causal": int(causal), "window": window or 0, "document boundaries": bounds_checksum(bounds)}
+
+
+def bounds_checksum(bounds: tuple[int, ...] | None) -> int:
+    """A 62-bit summary of document boundaries, deterministic on every rank (not Python's
+    salted ``hash``): ranks given different ``cu_seqlens`` disagree on it."""
+    if bounds is None:
+        return 0
+    digest = hashlib.blake2b(repr(bounds).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def _where(name: str | None) -> str:
@@ -155,7 +170,8 @@ def check_peer_spread(verdict: Verdict, q, k, group, name: str | None) -> None:
         return
     dtypes = {v: k for k, v in _DTYPE_CODES.items()}
     text = [f"dtype differs ({', '.join(str(dtypes.get(c, 'other')) for c in (verdict.lo[f], verdict.hi[f]))})"
-            if f == "dtype" else f"{f} ranges {verdict.lo[f]}..{verdict.hi[f]}" for f in differ]
+            if f == "dtype" else f"{_SIGNATURE_NAMES[f]} differ" if f in _SIGNATURE_NAMES
+            else f"{f} ranges {verdict.lo[f]}..{verdict.hi[f]}" for f in differ]
     raise ValueError(
         f"{_where(name)}: the ranks of the CP group called it with different "
         f"inputs ({'; '.join(text)}; this is CP rank {dist.get_rank(group)}: batch {q.shape[0]}, {q.shape[1]} tokens, "
@@ -166,14 +182,15 @@ def check_peer_spread(verdict: Verdict, q, k, group, name: str | None) -> None:
 
 
 _SIGNATURE_FIELDS = tuple(peer_signature(*(torch.empty(1, 1, 1, 1),) * 3, "striped", True, None))
+_SIGNATURE_NAMES = {"document boundaries": "document boundaries (cu_seqlens)"}
 
 
 def _check_peers(q, k, v, group, options: RingOptions, causal: bool, window: int | None, name: str | None,
-                 local_error: BaseException | None) -> None:
+                 local_error: BaseException | None, bounds: tuple[int, ...] | None = None) -> None:
     """Every rank of ``group`` must call the ring with the same shapes and settings, or the
     messages it exchanges would not match (a hang, or garbage); and a rank whose own checks
     refused its inputs must not leave its peers waiting in the ring. One :func:`agree`."""
-    verdict = agree(group, peer_signature(q, k, v, options.layout, causal, window),
+    verdict = agree(group, peer_signature(q, k, v, options.layout, causal, window, bounds),
                     what=f"{_where(name)}: the shape agreement check", timeout=options.timeout,
                     error=local_error, peer_error=rejected_by_peer(name))
     check_peer_spread(verdict, q, k, group, name)
@@ -292,9 +309,15 @@ def _check_window(window, causal) -> None:
 
 
 def _prepare(q, k, v, options: RingOptions, *, causal: bool, softmax_scale, softcap, window, sinks=None,
-             name=None, train_step=None) -> RingCall:
-    """Check one rank's inputs and fix the call's settings (raises what is wrong with them)."""
+             name=None, train_step=None, world: int = 1, bounds: tuple[int, ...] | None = None) -> RingCall:
+    """Check one rank's inputs and fix the call's settings (raises what is wrong with them).
+    ``bounds``: validated document boundaries of the packed row (``None``: no documents)."""
     _check_qkv(q, k, v)
+    if bounds is not None and q.shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens describes one packed row (batch 1, the padding-free format); got a batch of {q.shape[0]} "
+            "rows: concatenate them into one row (DataCollatorWithFlattening does) or pass no cu_seqlens"
+        )
     if options.layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(
             f"the 'zigzag' layout gives every rank two equal chunks, so seq_local must be even; got "
@@ -305,8 +328,9 @@ def _prepare(q, k, v, options: RingOptions, *, causal: bool, softmax_scale, soft
     _check_sinks(sinks, q)
     _check_window(window, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    pl = None if bounds is None else placement(options.layout, world, q.shape[1] * world, bounds)
     return RingCall(options=options, causal=causal, scale=scale, kernels=_kernels_for(options, softcap, window, q, k, v),
-                    window=window, softcap=softcap, name=name, train_step=train_step)
+                    window=window, softcap=softcap, name=name, train_step=train_step, placement=pl)
 
 
 def _check_sinks(sinks, q):
@@ -316,20 +340,22 @@ def _check_sinks(sinks, q):
 
 def ring_attention_call(q, k, v, *, group, options: RingOptions, causal: bool = True, softmax_scale=None,
                         softcap=None, sinks=None, window=None, name=None, train_step=None,
-                        check_peers: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        check_peers: bool = True, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention_with_lse` with already validated ``options`` (the entry points
-    build them; the model integration calls this once per layer)."""
+    build them; the model integration calls this once per layer). ``cu_seqlens``: a tensor or a
+    tuple of already validated boundaries."""
     rank, world = group_rank_size(group)
-    local_error = call = None
+    local_error = call = bounds = None
     try:
+        bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1] * world)
         call = _prepare(q, k, v, options, causal=causal, softmax_scale=softmax_scale, softcap=softcap, window=window,
-                        sinks=sinks, name=name, train_step=train_step)
+                        sinks=sinks, name=name, train_step=train_step, world=world, bounds=bounds)
     except (ValueError, TypeError, NotImplementedError) as exc:
         if world == 1 or not check_peers:
             raise
         local_error = exc  # raised by the agreement check, after telling the peers (who would wait in the ring)
     if world > 1 and check_peers:
-        _check_peers(q, k, v, group, options, causal, window, name, local_error)
+        _check_peers(q, k, v, group, options, causal, window, name, local_error, bounds)
     return _RingAttention.apply(q, k, v, sinks, group, call)
 
 
@@ -360,6 +386,7 @@ def ring_attention(
     check_peers: bool = True,
     options: RingOptions | None = None,
     return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -397,6 +424,12 @@ def ring_attention(
         options: a :class:`hf_striped.RingOptions` carrying layout, backend, timeout,
             check_finite (and test hooks) at once; then leave those four keywords unset.
         return_lse: also return the float32 log-sum-exp (see :func:`ring_attention_with_lse`).
+        cu_seqlens: packed documents: the int32 1-d boundaries ``[0, l1, l1 + l2, ..., N]`` of
+            the documents of one padding-free row (batch 1), the same on every rank; a query
+            then attends (causally) to keys of its own document only. q/k/v must be sharded
+            with the same ``cu_seqlens`` (:func:`hf_striped.shard`), which for ``"striped"``
+            places short documents whole on one rank (``hf_striped.core.documents``). Any
+            document lengths; only ``N`` must be a multiple of the layout's unit.
 
     Returns:
         The attention output shaped like ``q``, in ``q.dtype``, differentiable in q, k, v.
@@ -404,7 +437,7 @@ def ring_attention(
     options = build_options(options, layout=layout, backend=backend, timeout=timeout, check_finite=check_finite)
     out, lse = ring_attention_call(q, k, v, group=group, options=options, causal=causal, softmax_scale=softmax_scale,
                                    softcap=softcap, sinks=sinks, window=window, name=name, train_step=train_step,
-                                   check_peers=check_peers)
+                                   check_peers=check_peers, cu_seqlens=cu_seqlens)
     return (out, lse) if return_lse else out
 
 
@@ -422,6 +455,7 @@ def ring_attention_inprocess(
     window: int | None = None,
     check_finite: bool | None = None,
     options: RingOptions | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the same ring schedule for ``len(qs)`` virtual ranks in this process.
 
@@ -434,8 +468,9 @@ def ring_attention_inprocess(
     if not world or len(ks) != world or len(vs) != world:
         raise ValueError("qs, ks and vs must be non-empty lists of the same length (one entry per rank)")
     options = build_options(options, layout=layout, backend=backend, check_finite=check_finite)
+    bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, qs[0].shape[1] * world)
     call = _prepare(qs[0], ks[0], vs[0], options, causal=causal, softmax_scale=softmax_scale, softcap=softcap,
-                    window=window)
+                    window=window, world=world, bounds=bounds)
     for q, k, v in zip(qs[1:], ks[1:], vs[1:]):  # rank 0's were checked by _prepare
         _check_qkv(q, k, v)
         if q.shape != qs[0].shape or k.shape != ks[0].shape:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+from .documents import Placement, placement_blocks
 from .layout import Block, blocks
 from .merge import merge_
 from .transport import Post, Schedule, Wait
@@ -167,26 +169,50 @@ class RingPlan:
     """Logit soft-capping (the chain must start with a kernel that can)."""
     watch: Watch = _UNWATCHED
     """The finite guard and hooks that see every step and block."""
+    placement: Placement | None = None
+    """Where packed documents' tokens lie (``hf_striped.core.documents``); ``None``: one
+    sequence per row in the layout's own positions."""
 
     def blocks(self, source: int, c: int) -> list[Block]:
         """The kernel calls of the (this rank, ``source``) block of ``c`` tokens per rank."""
+        if self.placement is not None:
+            return _placement_blocks(self.placement, self.rank, source, self.causal, self.window)
         return blocks(self.layout, self.rank, source, self.world_size, c, self.causal,
                       split=kernel_split(self.kernels, self.split), window=self.window)
+
+    def travel(self, c: int) -> int:
+        """How many leading local tokens other ranks attend to: what ring messages carry."""
+        return c if self.placement is None else self.placement.travel
+
+    def steps(self, c: int) -> int:
+        """Ring steps: P, or one (no messages at all) when no rank attends to another's tokens."""
+        return self.world_size if self.travel(c) else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _placement_blocks(placement: Placement, rank: int, source: int, causal: bool, window) -> list[Block]:
+    return placement_blocks(placement, rank, source, causal, window)
+
+
+def _head(kv: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
+    """The first ``n`` local tokens of each tensor (all of them when ``n`` covers the sequence)."""
+    return kv if n >= kv[0].shape[1] else tuple(x[:, :n] for x in kv)
 
 
 def forward_schedule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> Schedule:
     """One rank's forward ring. Returns ``(out, lse)``: the merged output ``[b, c, h, d]`` and
-    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype."""
+    log-sum-exp ``[b, h, c]``, both still in the float32 (float64) accumulation dtype. Step 0
+    computes with all local K/V; the messages carry only the part other ranks attend to."""
     rank, world_size, watch = plan.rank, plan.world_size, plan.watch
     b, c, h, d = q.shape
     acc = _acc_dtype(q.dtype)
     out = torch.zeros(b, c, h, v.shape[-1], dtype=acc, device=q.device)
     lse_t = torch.full((b, c, h), float("-inf"), dtype=acc, device=q.device)
-    kv = (k, v)
-    for step in range(world_size):
-        last = step == world_size - 1
+    kv, steps = (k, v), plan.steps(c)
+    for step in range(steps):
+        last = step == steps - 1
         if not last:
-            ticket = yield Post(kv, "K/V", step)
+            ticket = yield Post(_head(kv, plan.travel(c)), "K/V", step)
         source = (rank - step) % world_size
         watch.step("forward", step)
         forward_step(q, kv[0], kv[1], out, lse_t, plan.blocks(source, c), plan.kernels, plan.scale,
@@ -204,20 +230,23 @@ def backward_schedule(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     c = q.shape[1]
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = (k, v)
-    dkv_ticket = None
-    for step in range(world_size):
-        last = step == world_size - 1
+    kv, steps, travel = (k, v), plan.steps(c), plan.travel(c)
+    dkv_ticket = stay = None
+    for step in range(steps):
+        last = step == steps - 1
         if not last:
-            kv_ticket = yield Post(kv, "K/V", step)
+            kv_ticket = yield Post(_head(kv, travel), "K/V", step)
         source = (rank - step) % world_size
         watch.step("backward", step)
         dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, plan.blocks(source, c), plan.kernels, plan.scale,
                                acc, softcap=plan.softcap, watch=watch, step=step, source=source)
         if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
-            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        if world_size > 1:
+            dk = torch.zeros(kv[0].shape, dtype=acc, device=k.device)
+            dv = torch.zeros(kv[1].shape, dtype=acc, device=v.device)
+        if steps > 1:
+            if step == 0 and travel < c:  # gradients of keys no other rank sees stay here
+                stay = (dk[:, travel:], dv[:, travel:])
+                dk, dv = dk[:, :travel].contiguous(), dv[:, :travel].contiguous()
             if dkv_ticket is not None:  # partial sums for this K/V from the ranks it visited before
                 dk_prev, dv_prev = yield Wait(dkv_ticket)
                 dk += dk_prev
@@ -225,6 +254,8 @@ def backward_schedule(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             dkv_ticket = yield Post((dk, dv), "dK/dV partial sums", step)
         if not last:
             kv = yield Wait(kv_ticket)
-    if world_size > 1:
+    if steps > 1:
         dk, dv = yield Wait(dkv_ticket)  # our own K/V's gradient, home after P hops
+        if stay is not None:
+            dk, dv = torch.cat([dk, stay[0]], dim=1), torch.cat([dv, stay[1]], dim=1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,284 @@
+"""Packed documents: a padding-free row of several documents, where each rank holds which of its
+tokens (the *placement*), and which part of every (query rank, key source) block is visible.
+
+A packed row of N tokens holds documents ``[cu[i], cu[i + 1])`` (``cu_seqlens``, the same on every
+rank); a query attends causally to the keys of its own document only.
+
+**Runs.** Whatever the layout, each rank's tokens, in local order, are a few *runs*: ``length``
+tokens of one document at global positions ``first, first + stride, ...`` (stride P for a striped
+document, 1 for a contiguous piece), stored at local indices ``local, local + 1, ...``. Queries of
+a run ``(a, t)`` on rank r see keys of a run ``(b, t)`` of the same document on rank s when
+``b + t*j <= a + t*i``, i.e. ``i - j >= lo`` with ``lo = ceil((b - a) / t)``: the band rule of
+sliding windows (``hf_striped.core.layout``) with no upper edge. So a (rank, source) block is
+block-diagonal over documents, and each document's part is a *lower* shape, cut by
+:func:`lower_calls` into at most three fused-kernel calls::
+
+        keys ->                           lo = 1 (striped, source > rank):
+      . . . . . .                         row 0 sees nothing, then a causal
+      x . . . . .    causal square        square shifted one row down; rows
+      x x . . . .    (rows 1..4)          past the keys' end see every key
+      x x x . . .                         (one full call)
+      x x x x . .
+      x x x x x x    full row
+
+An empty part is skipped, and a window (``window`` tokens, Transformers' convention) adds an
+upper edge ``hi = floor((window - 1 - (a - b)) / t)``, handled as for sliding windows.
+
+**Placements.** The plain layouts keep their token positions and split their runs at document
+boundaries. The ``striped`` layout with documents places them by length
+(:func:`document_placement`): documents longer than a rank's share, or whose causal work
+exceeds a rank's fair share, are striped over all ranks; the others are placed whole on one rank,
+balanced by their work (largest first onto the least loaded rank), and those that fit nowhere
+fill the remaining space contiguously (split between neighbouring ranks). Each rank keeps its
+striped and split tokens first, so only the local prefix ``[0, travel)`` is ever seen by another
+rank: ring messages carry only it, and whole documents need no ring step at all. Every rank holds
+exactly N / P tokens; no document is padded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .layout import Block, _band, check_layout, split_multiple
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` tokens of document ``doc`` at global positions ``first + stride * i``, stored
+    at local indices ``local + i`` of their rank."""
+
+    local: int
+    length: int
+    first: int
+    stride: int
+    doc: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which global tokens each of ``world_size`` ranks holds, ``c`` each, as runs per rank.
+    Only local tokens ``[0, travel)`` are ever attended to from another rank."""
+
+    world_size: int
+    c: int
+    runs: tuple[tuple[Run, ...], ...]
+    travel: int
+
+    def indices(self, rank: int, device=None) -> torch.Tensor:
+        """Global positions of ``rank``'s local tokens, in local order (LongTensor ``[c]``)."""
+        parts = [torch.arange(r.length, device=device) * r.stride + r.first for r in self.runs[rank]]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+    def order(self, device=None) -> torch.Tensor:
+        """All ranks' :meth:`indices`, in rank order: the permutation a gather of every rank's
+        part applies to the natural order (its inverse puts the gather back in order)."""
+        return torch.cat([self.indices(r, device) for r in range(self.world_size)])
+
+
+def check_cu_seqlens(cu_seqlens, n: int) -> tuple[int, ...]:
+    """The document boundaries ``cu_seqlens`` (an integer 1-d tensor or sequence) of a packed row
+    of ``n`` tokens, validated, as a tuple of ints. Raises ``ValueError`` saying what to fix."""
+    if torch.is_tensor(cu_seqlens):
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+            raise ValueError(
+                f"cu_seqlens must be a 1-d integer tensor [0, l1, l1 + l2, ..., N] of the packed row's document "
+                f"boundaries; got a {cu_seqlens.dim()}-d {cu_seqlens.dtype} tensor"
+            )
+        bounds = tuple(int(x) for x in cu_seqlens.tolist())
+    else:
+        bounds = tuple(int(x) for x in cu_seqlens)
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n:
+        got = f"{list(bounds[:3])}...{list(bounds[-2:])}" if len(bounds) > 5 else str(list(bounds))
+        raise ValueError(
+            f"cu_seqlens must run from 0 to the packed row's length {n} (padding included: pad the row and add the "
+            f"padding as its own last document); got {got}"
+        )
+    bad = next((i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]), None)
+    if bad is not None:
+        raise ValueError(
+            f"cu_seqlens must strictly increase (every document has at least one token); entries {bad - 1} and "
+            f"{bad} are {bounds[bad - 1]} and {bounds[bad]}"
+        )
+    return bounds
+
+
+def _split_at_docs(local: int, length: int, first: int, stride: int, bounds: tuple[int, ...]) -> list[Run]:
+    """The run ``first + stride * i`` (``i < length``, at ``local``) cut where documents change."""
+    out, i = [], 0
+    while i < length:
+        g = first + stride * i
+        d = _doc_of(bounds, g)
+        end = bounds[d + 1]  # first global position of the next document
+        take = min(length - i, -(-(end - g) // stride))
+        out.append(Run(local + i, take, g, stride, d))
+        i += take
+    return out
+
+
+def _doc_of(bounds: tuple[int, ...], g: int) -> int:
+    return bisect.bisect_right(bounds, g) - 1
+
+
+def plain_placement(layout: str, world_size: int, n: int, bounds: tuple[int, ...] | None) -> Placement:
+    """The ``layout``'s own token positions (``hf_striped.core.layout``), its runs cut at the
+    document ``bounds`` (``None``: one document)."""
+    from .layout import _runs
+
+    check_layout(layout)
+    bounds = bounds or (0, n)
+    c = n // world_size
+    runs = tuple(
+        tuple(r for ls, le, a, t in _runs(layout, rank, world_size, c) for r in _split_at_docs(ls, le - ls, a, t, bounds))
+        for rank in range(world_size)
+    )
+    return Placement(world_size, c, runs, c)
+
+
+def _work(length: int) -> int:
+    """Causal attention work of a document, in scores."""
+    return length * (length + 1) // 2
+
+
+def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Placement:
+    """The ``striped`` layout's placement of packed documents (module docstring): long ones
+    striped over all ranks, short ones whole on one rank balanced by work, the rest contiguous."""
+    P, c = world_size, n // world_size
+    lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    fair = sum(_work(L) for L in lengths) / P
+    striped = [d for d, L in enumerate(lengths) if L > c or _work(L) > fair]
+    runs: list[list[Run]] = [[] for _ in range(P)]
+    used = [0] * P
+    u = 0  # position in the striped pool (the striped documents one after another)
+    for d in striped:
+        for r in range(P):
+            off = (r - u) % P  # the document's first token on rank r
+            count = -(-(lengths[d] - off) // P) if off < lengths[d] else 0
+            if count:
+                runs[r].append(Run(used[r], count, bounds[d] + off, P, d))
+                used[r] += count
+        u += lengths[d]
+    free = [c - x for x in used]
+    whole, spill = _pack_whole(lengths, set(striped), free, P)
+    _fill_spill(spill, lengths, bounds, runs, used, free)
+    travel = max(used)
+    for r in range(P):
+        for d in whole[r]:
+            runs[r].append(Run(used[r], lengths[d], bounds[d], 1, d))
+            used[r] += lengths[d]
+    return Placement(P, c, tuple(tuple(x) for x in runs), travel)
+
+
+def _pack_whole(lengths: list[int], striped: set[int], free: list[int], P: int):
+    """Largest work first onto the least loaded rank with room (``free``, updated): returns the
+    documents each rank holds whole, and those that fit on no rank (to be split), in order."""
+    load = [0] * P
+    whole: list[list[int]] = [[] for _ in range(P)]
+    spill = []
+    for d in sorted((d for d in range(len(lengths)) if d not in striped), key=lambda d: (-lengths[d], d)):
+        fits = [r for r in range(P) if free[r] >= lengths[d]]
+        if not fits:
+            spill.append(d)
+            continue
+        r = min(fits, key=lambda r: (load[r], -free[r], r))
+        whole[r].append(d)
+        load[r] += _work(lengths[d])
+        free[r] -= lengths[d]
+    return whole, sorted(spill)
+
+
+def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int]) -> None:
+    """Lay the documents that fit on no rank whole into the ranks' remaining room (``free``), in
+    rank order, a document continuing on the next rank with room (contiguous pieces, stride 1)."""
+    rank = 0
+    for d in spill:
+        g, left = bounds[d], lengths[d]
+        while left:
+            while free[rank] == 0:
+                rank += 1
+            take = min(left, free[rank])
+            runs[rank].append(Run(used[rank], take, g, 1, d))
+            used[rank] += take
+            free[rank] -= take
+            g, left = g + take, left - take
+
+
+@functools.lru_cache(maxsize=256)
+def placement(layout: str, world_size: int, n: int, bounds: tuple[int, ...] | None) -> Placement:
+    """Where each rank's tokens of a row of ``n`` tokens with document ``bounds`` lie (``None``:
+    no documents). Only ``striped`` with documents places them differently from the layout."""
+    m = split_multiple(layout, world_size)
+    if n % m:
+        raise ValueError(
+            f"a packed row of {n} tokens cannot be split by the {layout!r} layout over {world_size} ranks: pad it "
+            f"to {-(-n // m) * m} tokens (the padding forms its own last document: pad ids, label -100)"
+        )
+    if places_documents(layout, world_size, bounds):
+        return document_placement(world_size, n, bounds)
+    return plain_placement(layout, world_size, n, bounds)
+
+
+def places_documents(layout: str, world_size: int, bounds: tuple[int, ...] | None) -> bool:
+    """Whether the layout puts a packed row's tokens elsewhere than without documents."""
+    return layout == "striped" and bounds is not None and len(bounds) > 2 and world_size > 1
+
+
+def shard_placed(x: torch.Tensor, dim: int, layout: str, rank: int, world_size: int,
+                 bounds: tuple[int, ...]) -> torch.Tensor:
+    """``rank``'s part of ``x`` (length N along ``dim``) under the document placement."""
+    pl = placement(layout, world_size, x.shape[dim], bounds)
+    return x.index_select(dim, pl.indices(rank, x.device))
+
+
+def unshard_placed(parts: list[torch.Tensor], dim: int, layout: str, bounds: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`shard_placed`: every rank's part (in rank order) back in natural order."""
+    cat = torch.cat(parts, dim=dim)
+    pl = placement(layout, len(parts), cat.shape[dim], bounds)
+    order = pl.order(cat.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return cat.index_select(dim, inverse)
+
+
+def lower_calls(q0: int, k0: int, m: int, n: int, lo: int) -> list[Block]:
+    """Kernel calls for rows ``[q0, q0 + m)`` against keys ``[k0, k0 + n)`` where row i sees key
+    j iff ``j <= i - lo`` (call-local indices): a full call for keys every seeing row sees, a
+    causal square, and a full call for rows that see every key; empty ones are left out."""
+    start = min(m, max(0, lo))  # rows before it see nothing
+    every = min(m, max(start, n - 1 + lo))  # rows from here on see every key
+    left = max(0, -lo)  # keys every row from `start` on sees
+    calls = []
+    if every > start:
+        if left:
+            calls.append(Block(slice(q0 + start, q0 + every), slice(k0, k0 + min(left, n)), False))
+        if left < n:
+            size = every - start
+            calls.append(Block(slice(q0 + start, q0 + every), slice(k0 + left, k0 + left + size), True))
+    if m > every:
+        calls.append(Block(slice(q0 + every, q0 + m), slice(k0, k0 + n), False))
+    return calls
+
+
+def placement_blocks(pl: Placement, rank: int, source: int, causal: bool, window: int | None = None) -> list[Block]:
+    """Kernel calls that compute exactly the visible part of the (``rank``, ``source``) block
+    of placement ``pl``: every pair of runs of one document (module docstring)."""
+    calls: list[Block] = []
+    keys = {}
+    for kr in pl.runs[source]:
+        keys.setdefault(kr.doc, []).append(kr)
+    for qr in pl.runs[rank]:
+        for kr in keys.get(qr.doc, ()):
+            if not causal:
+                calls.append(Block(slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length), False))
+                continue
+            t, delta = qr.stride, qr.first - kr.first
+            lo = -(delta // t)  # ceil(-delta / t)
+            hi = None if window is None else (window - 1 - delta) // t
+            if hi is None or hi >= qr.length - 1:  # the window cuts nothing: i - j <= m - 1 always
+                calls.extend(lower_calls(qr.local, kr.local, qr.length, kr.length, lo))
+            else:
+                calls.extend(_band(qr.local, kr.local, qr.length, kr.length, lo, hi))
+    return calls
