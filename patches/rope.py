@@ -67,19 +67,29 @@ def check(config) -> None:
         )
 
 
-def check_forward(config, position_ids: torch.Tensor, *, layout: str, rank: int, world_size: int, seq_local: int) -> None:
+def check_forward(config, position_ids: torch.Tensor, *, layout: str, rank: int, world_size: int, seq_local: int,
+                  documents=None) -> None:
     """Per-forward check for ``longrope``: every rank's factor choice (from its own largest
     position) must equal the full sequence's. ``position_ids`` must already have passed
     ``ContextParallelState.check_positions`` (one unbroken global run per row, same base on every
-    rank), so every rank computes the same verdict."""
+    rank, or the packed ``documents`` it found), so every rank computes the same verdict."""
     switches = longrope_switches(config)
     if not switches:
         return
     n = seq_local * world_size
-    pos = position_ids.reshape(-1, position_ids.shape[-1]).long()
-    base = int((pos - global_indices(layout, rank, world_size, n, pos.device)).max())
-    rank_lengths = [base + int(global_indices(layout, r, world_size, n).max()) + 1 for r in range(world_size)]
-    full_length = base + n
+    if documents is not None:  # positions restart per document: each rank's largest is known
+        pl = documents.placement(layout, world_size, n)
+        starts = torch.tensor(documents.bounds[:-1])
+        rank_lengths = []
+        for r in range(world_size):
+            g = pl.indices(r)
+            rank_lengths.append(int((g - starts[torch.searchsorted(starts, g, right=True) - 1]).max()) + 1)
+        full_length = max(b - a for a, b in zip(documents.bounds, documents.bounds[1:]))
+    else:
+        pos = position_ids.reshape(-1, position_ids.shape[-1]).long()
+        base = int((pos - global_indices(layout, rank, world_size, n, pos.device)).max())
+        rank_lengths = [base + int(global_indices(layout, r, world_size, n).max()) + 1 for r in range(world_size)]
+        full_length = base + n
     for switch in switches:
         long_wanted = full_length > switch
         wrong = [r for r, length in enumerate(rank_lengths) if (length > switch) != long_wanted]

@@ -7,6 +7,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_striped
+from hf_striped.kernels.reference import plain_attention
 from hf_striped.integration import striped_ring_attention_forward, striped_ring_mask
 from models import load
 
@@ -80,10 +81,16 @@ def test_missing_or_bad_positions_raise():
     with hf_striped.context_parallel(None):
         with pytest.raises(ValueError, match="needs position_ids"):
             _call(position_ids=None)
-        with pytest.raises(ValueError, match="unbroken run"):  # packed documents restart positions
-            _call(position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+        with pytest.raises(ValueError, match="neither"):  # restarts that are no documents' starts
+            _call(position_ids=torch.tensor([[0, 1, 2, 3, 1, 2, 3, 4]]))
+        # packed documents: positions restarting at 0 keep each document to itself
+        packed, _ = _call(position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
         out, _ = _call(position_ids=torch.arange(100, 108)[None])  # an offset base is fine
     assert out.shape == (1, 8, 4, 16)
+    q, k, v = (t.transpose(1, 2) for t in _qkv())
+    for a, b in ((0, 3), (3, 8)):
+        ref, _ = plain_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=True, scale=0.25)
+        torch.testing.assert_close(packed[:, a:b], ref, rtol=1e-5, atol=1e-6)
 
 
 def test_padding_mask_inside_context_raises_and_all_ones_is_dropped():

@@ -123,6 +123,7 @@ def _doc_of(bounds: tuple[int, ...], g: int) -> int:
     return bisect.bisect_right(bounds, g) - 1
 
 
+@functools.lru_cache(maxsize=256)
 def plain_placement(layout: str, world_size: int, n: int, bounds: tuple[int, ...] | None) -> Placement:
     """The ``layout``'s own token positions (``hf_striped.core.layout``), its runs cut at the
     document ``bounds`` (``None``: one document)."""

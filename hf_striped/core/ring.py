@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import KernelChain, select_kernel
 from ..log import warn_once
-from .documents import Placement, check_cu_seqlens, placement
+from .documents import Placement, check_cu_seqlens, placement, plain_placement
 from .guards import FiniteGuard, Verdict, agree
 from .layout import BAND_ROWS
 from .options import RingOptions, build_options
@@ -309,7 +309,8 @@ def _check_window(window, causal) -> None:
 
 
 def _prepare(q, k, v, options: RingOptions, *, causal: bool, softmax_scale, softcap, window, sinks=None,
-             name=None, train_step=None, world: int = 1, bounds: tuple[int, ...] | None = None) -> RingCall:
+             name=None, train_step=None, world: int = 1, bounds: tuple[int, ...] | None = None,
+             place_documents: bool = True) -> RingCall:
     """Check one rank's inputs and fix the call's settings (raises what is wrong with them).
     ``bounds``: validated document boundaries of the packed row (``None``: no documents)."""
     _check_qkv(q, k, v)
@@ -328,7 +329,8 @@ def _prepare(q, k, v, options: RingOptions, *, causal: bool, softmax_scale, soft
     _check_sinks(sinks, q)
     _check_window(window, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    pl = None if bounds is None else placement(options.layout, world, q.shape[1] * world, bounds)
+    where = placement if place_documents else plain_placement
+    pl = None if bounds is None else where(options.layout, world, q.shape[1] * world, bounds)
     return RingCall(options=options, causal=causal, scale=scale, kernels=_kernels_for(options, softcap, window, q, k, v),
                     window=window, softcap=softcap, name=name, train_step=train_step, placement=pl)
 
@@ -340,16 +342,19 @@ def _check_sinks(sinks, q):
 
 def ring_attention_call(q, k, v, *, group, options: RingOptions, causal: bool = True, softmax_scale=None,
                         softcap=None, sinks=None, window=None, name=None, train_step=None,
-                        check_peers: bool = True, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        check_peers: bool = True, cu_seqlens=None,
+                        place_documents: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention_with_lse` with already validated ``options`` (the entry points
     build them; the model integration calls this once per layer). ``cu_seqlens``: a tensor or a
-    tuple of already validated boundaries."""
+    tuple of boundaries; ``place_documents=False``: the tokens lie at the layout's own positions
+    (sharded without ``cu_seqlens``), not where its document placement puts them."""
     rank, world = group_rank_size(group)
     local_error = call = bounds = None
     try:
         bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1] * world)
         call = _prepare(q, k, v, options, causal=causal, softmax_scale=softmax_scale, softcap=softcap, window=window,
-                        sinks=sinks, name=name, train_step=train_step, world=world, bounds=bounds)
+                        sinks=sinks, name=name, train_step=train_step, world=world, bounds=bounds,
+                        place_documents=place_documents)
     except (ValueError, TypeError, NotImplementedError) as exc:
         if world == 1 or not check_peers:
             raise

@@ -160,22 +160,40 @@ def striped_ring_attention_forward(
     name = _layer_name(module)
     # One agreement per forward checks positions and, riding along, that every rank calls the
     # ring with the same shapes and accepted its inputs (later layers then agree too).
-    state.check_positions(
+    docs = state.check_positions(
         kwargs.get("position_ids"), query.shape[0], query.shape[2],
         fields=peer_signature(q, k, v, state.layout, True, window), error=local_error,
         peer_error=rejected_by_peer(name), judge=lambda verdict: check_peer_spread(verdict, q, k, state.group, name),
+        cu_seqlens=kwargs.get("cu_seq_lens_q"),
     )
     if local_error is not None:  # a later layer than the one whose check ran (that one passed)
         raise local_error
-    if config is not None:  # longrope's factor choice must agree across ranks (patches/rope.py)
+    if config is not None:
+        _check_documents_fit(config, docs)
+        # longrope's factor choice must agree across ranks (patches/rope.py)
         _rope.check_forward(config, kwargs["position_ids"], layout=state.layout, rank=state.rank,
-                            world_size=state.world_size, seq_local=query.shape[2])
+                            world_size=state.world_size, seq_local=query.shape[2], documents=docs)
     out, _ = ring_attention_call(
         q, k, v, group=state.group, options=state.options, causal=True, softmax_scale=scaling,
         softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), window=window, name=name,
         train_step=state.train_step, check_peers=False,
+        cu_seqlens=None if docs is None else docs.bounds, place_documents=docs is not None and docs.placed,
     )
     return out, None
+
+
+def _check_documents_fit(config, docs) -> None:
+    """A packed document longer than the model's positions would be cut short on one process
+    too; refuse it (every rank sees the same documents, so every rank raises)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if docs is None or limit is None:
+        return
+    longest = max(b - a for a, b in zip(docs.bounds, docs.bounds[1:]))
+    if longest > limit:
+        raise ValueError(
+            f"a packed document of {longest} tokens is longer than the model's max_position_embeddings ({limit}): "
+            f"split or truncate documents to at most {limit} tokens before packing"
+        )
 
 
 def _layer_name(module) -> str:

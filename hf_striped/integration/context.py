@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..core.guards import Verdict, agree
-from ..core.layout import global_indices
 from ..core.options import RingOptions, build_options
 from ..core.ring import group_rank_size
+from .positions import Documents, PositionCheck, run_check
 
 
 @dataclass(kw_only=True)
@@ -53,14 +52,18 @@ class ContextParallelState:
 
     def check_positions(self, position_ids: torch.Tensor | None, batch: int, seq_local: int, *,
                         fields: dict[str, int] | None = None, error: BaseException | None = None,
-                        peer_error=None, judge=None) -> None:
+                        peer_error=None, judge=None, cu_seqlens=None) -> Documents | None:
         """Verify that ``position_ids`` are this rank's shard of one unbroken run of global
-        positions per row (``base + arange(N)``), identically based on every rank.
+        positions per row (``base + arange(N)``), identically based on every rank, or of one
+        packed row of documents (positions restarting at 0 per document; ``cu_seqlens``, the
+        global boundaries, when the caller has them). Returns the documents (``None``: none).
 
         Runs once per forward (all layers share one position tensor; :meth:`new_forward`, called
         by the mask function on every rank, resets the cache), as one
-        :func:`hf_striped.core.guards.agree` of a fixed number of integers, so every rank reaches
-        the same verdict and a bad input raises everywhere instead of leaving peers waiting.
+        :func:`hf_striped.core.guards.agree` of a fixed number of integers (plus one gather of
+        the positions for a packed row given without boundaries), so every rank reaches the same
+        verdict and a bad input raises everywhere instead of leaving peers waiting
+        (:mod:`hf_striped.integration.positions`).
 
         ``fields``, ``error`` and ``peer_error`` ride along in that agreement (see ``agree``);
         ``judge(verdict)`` then sees the verdict first and may raise on the ``fields``.
@@ -71,59 +74,13 @@ class ContextParallelState:
                 "rank its tokens' *global* positions, e.g. position_ids=hf_striped.shard("
                 "torch.arange(seq_len).expand(batch, -1), dim=1, group=group, layout=layout)"
             )
-        if self._checked is not None and self._checked() is position_ids:
-            return
-        positions = self._position_fields(position_ids, batch, seq_local)
-        verdict = agree(self.group, {**(fields or {}), **positions}, timeout=self.options.timeout,
-                        what="hf_striped's position_ids check (the first collective of every forward inside "
-                             "context_parallel)", error=error, peer_error=peer_error)
-        if judge is not None:
-            judge(verdict)
-        self._judge_positions(verdict, position_ids, batch, seq_local)
-        self._checked = weakref.ref(position_ids)
-
-    def _position_fields(self, position_ids: torch.Tensor, batch: int, seq_local: int) -> dict[str, int]:
-        """The integers the position check compares; nothing here raises (a rank that raised
-        alone would leave its peers waiting in the agreement)."""
-        pos = position_ids.reshape(-1, position_ids.shape[-1])
-        wrong_shape = pos.shape[-1] != seq_local or pos.shape[0] not in (1, batch)
-        if not wrong_shape:
-            try:  # e.g. an odd number of tokens per rank, which the zigzag layout cannot hold
-                gidx = global_indices(self.layout, self.rank, self.world_size, seq_local * self.world_size, pos.device)
-            except ValueError:
-                wrong_shape = True
-        if wrong_shape:
-            return {"positions: wrong shape": 1, **dict.fromkeys(_POSITION_SUMMARY, 0)}
-        offset = pos.expand(batch, -1).long() - gidx
-        base = offset[:, 0]
-        rows = torch.arange(1, batch + 1, device=base.device)
-        # Bases must match row for row on every rank: compare checksums of them (computed where
-        # the positions live; only these numbers travel).
-        summary = torch.stack([(offset != base[:, None]).any().long(), (base * rows).sum(), (base * base).sum(),
-                               base.max(), base.min()]).tolist()
-        return {"positions: wrong shape": 0, **dict(zip(_POSITION_SUMMARY, summary))}
-
-    def _judge_positions(self, verdict: Verdict, position_ids, batch: int, seq_local: int) -> None:
-        if verdict.hi["positions: wrong shape"]:
-            raise ValueError(
-                f"position_ids must be [batch or 1, tokens on this rank]; got {tuple(position_ids.shape)} on this rank "
-                f"(batch {batch}, {seq_local} tokens) or a wrong shape on another rank of the CP group. Build them "
-                "with hf_striped.shard(torch.arange(N).expand(batch, -1), dim=1, group=group, layout=layout)."
-            )
-        if verdict.hi[_POSITION_SUMMARY[0]] or any(not verdict.same(f) for f in _POSITION_SUMMARY[1:]):
-            raise ValueError(
-                "position_ids inside hf_striped.context_parallel must be each rank's shard, in the "
-                f"{self.layout!r} layout, of one unbroken run of global positions per row (base + 0, 1, ..., "
-                "N - 1). Got positions that are not: either they were not passed (the model then "
-                "numbers local tokens 0..c-1), they were sharded with another layout, or they restart "
-                "inside the row (packed documents, which need document masking that context parallelism "
-                "does not do yet). Build them with hf_striped.shard(torch.arange(N).expand(batch, -1), "
-                "dim=1, group=group, layout=layout)."
-            )
-
-
-_POSITION_SUMMARY = ("positions: broken run", "positions: base checksum", "positions: base square sum",
-                     "positions: max base", "positions: min base")
+        if self._checked is not None and self._checked[0]() is position_ids:
+            return self._checked[1]
+        check = PositionCheck(self.layout, self.rank, self.world_size, self.group, self.options.timeout)
+        docs = run_check(check, position_ids, batch, seq_local, cu_seqlens, fields=fields or {}, error=error,
+                         peer_error=peer_error, judge=judge)
+        self._checked = (weakref.ref(position_ids), docs)
+        return docs
 
 
 def _launched_world() -> int:
