@@ -45,6 +45,24 @@ def single_process_step(model_dir, features, dtype=torch.float32):
     return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def single_process_documents(model_dir, features, dtype=torch.float32):
+    """The mean token loss over every document of ``features`` (each row one document), each run
+    alone through the model on one process, and its gradients: what packed training must equal."""
+    model = load(model_dir, "sdpa", dtype)
+    model.train()
+    total, count = 0.0, 0
+    for f in features:
+        ids = torch.tensor([f["input_ids"]])
+        labels = torch.tensor([f.get("labels", f["input_ids"])])[:, 1:]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                          reduction="sum")
+        count += int(labels.ne(-100).sum())
+    loss = total / count
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 def assert_same_step(result, ref_loss, ref_grads, label):
     rel_loss = abs(result["loss"] - ref_loss) / abs(ref_loss)
     worst = max(
@@ -67,6 +85,42 @@ def assert_same_step(result, ref_loss, ref_grads, label):
         (4, 4, "striped", 1),
     ],
 )
+def _packed_rows(n_rows: int, seed: int) -> list[dict]:
+    """Documents of 1 to 40 tokens (single tokens, fewer than P, and long ones), half with a
+    masked prompt."""
+    rows = ragged_rows(n_rows, 128, (1, 40), seed=seed, labels=True)
+    rows[0]["input_ids"], rows[1]["input_ids"] = rows[0]["input_ids"][:1], rows[1]["input_ids"][:2]
+    for r in rows[:2]:
+        r["labels"] = list(r["input_ids"])
+    return rows
+
+
+@pytest.mark.parametrize(
+    "world, cp_size, layout, accumulation, packing",
+    [
+        (2, 2, "striped", 1, "packing"),
+        (2, 2, "striped", 1, "flatten"),
+        (3, 3, "striped", 2, "packing"),
+        (3, 3, "zigzag", 1, "flatten"),
+        (3, 3, "contiguous", 1, "packing"),
+        (4, 2, "striped", 2, "flatten"),  # 2 data-parallel replicas x CP 2
+    ],
+)
+def test_packed_step_equals_one_process_per_document(dist_pool, tiny_llama_dir, world, cp_size, layout, accumulation,
+                                                      packing):
+    """Padding-free packed rows (hf_striped's packing, or Transformers' DataCollatorWithFlattening
+    as the base collator) under CP: the loss and gradients of the documents run one by one."""
+    features = _packed_rows(12, seed=world * 7 + cp_size)
+    ref_loss, ref_grads = single_process_documents(tiny_llama_dir, features)
+    results = dist_pool(world).run(train_step_case, tiny_llama_dir, features, cp_size, layout, accumulation,
+                                   torch.float32, packing)
+    assert len({r["loss"] for r in results}) == 1, "every rank must report the same loss"
+    assert results[0]["num_items"] == sum(
+        sum(t != -100 for t in f.get("labels", f["input_ids"])[1:]) for f in features
+    )
+    assert_same_step(results[0], ref_loss, ref_grads, f"packed ({packing}) world {world}, cp {cp_size}, {layout}")
+
+
 def test_cp_step_equals_one_process(dist_pool, tiny_llama_dir, world, cp_size, layout, accumulation):
     features = ragged_rows(8, 128, (20, 70), seed=world * 10 + cp_size, labels=True)
     ref_loss, ref_grads = single_process_step(tiny_llama_dir, features)

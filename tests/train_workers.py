@@ -17,15 +17,27 @@ def micro_batches(features: list, dp_rank: int, dp_size: int, steps: int) -> lis
     return [mine[i::steps] for i in range(steps)]
 
 
-def train_step_case(rank, world, model_dir, features, cp_size, layout="striped", accumulation=1, dtype=torch.float32):
+def _collator(cp: ContextParallel, packing: str | None):
+    """The rank's collator: padded rows (``None``), rows packed by hf_striped (``"packing"``) or
+    by Transformers' ``DataCollatorWithFlattening`` (``"flatten"``)."""
+    if packing == "flatten":
+        from transformers import DataCollatorWithFlattening
+
+        return cp.collator(pad_token_id=0, base_collator=DataCollatorWithFlattening())
+    return cp.collator(pad_token_id=0, packing=packing == "packing")
+
+
+def train_step_case(rank, world, model_dir, features, cp_size, layout="striped", accumulation=1, dtype=torch.float32,
+                    packing=None):
     """One optimizer step's forward + backward of ``features`` (the global batch) under
-    DDP x CP with gradient accumulation; returns the reported loss and (rank 0) the gradients."""
+    DDP x CP with gradient accumulation; returns the reported loss and (rank 0) the gradients.
+    ``packing``: see :func:`_collator`."""
     torch.manual_seed(0)
     cp = ContextParallel(cp_size, layout=layout)
     model = load(model_dir, "striped_ring", dtype)
     model.train()
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    collate = cp.collator(pad_token_id=0)
+    collate = _collator(cp, packing)
     batches = [collate(rows) for rows in micro_batches(features, cp.dp_rank, cp.dp_size, accumulation)]
     n = cp.num_items(batches)
     reported = 0.0

@@ -12,6 +12,15 @@ parallel groups only, see ``ContextParallel.prepare_dataloader``) and keeps its 
 Right padding needs no attention mask under causal attention: a pad token is only ever seen by
 later pad tokens, whose labels are -100. Left padding cannot be exact that way (real tokens would
 attend to pads), so it is refused.
+
+**Packed documents** (padding-free): with ``packing=True``, rows carrying ``seq_lengths`` (the
+documents of a pre-packed row), or a ``base_collator`` that flattens (Transformers'
+``DataCollatorWithFlattening``), the global batch is *one* row of documents: positions restart
+at 0 per document, no label crosses a document boundary, and only the row's end is padded (the
+padding is its own last document). The row is sharded with its document boundaries
+(``cu_seqlens``, which for ``striped`` place short documents whole on one rank), and the
+boundaries travel with the batch as ``cu_seq_lens_q`` / ``cu_seq_lens_k``, so the model's
+attention knows them without a collective.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..core.documents import check_cu_seqlens, places_documents, shard_placed
 from ..core.layout import LAYOUTS, shard_local, split_multiple
 
 IGNORE_INDEX = -100
@@ -68,6 +78,72 @@ def _stack_padded(rows: list[torch.Tensor], length: int, value: int) -> torch.Te
     return out
 
 
+@dataclass
+class _Rows:
+    """A batch's rows of real tokens, their labels (``None``: the ids), and the document lengths
+    of the one packed row they form (``None``: rows are padded separately)."""
+
+    ids: list[torch.Tensor]
+    labels: list[torch.Tensor] | None
+    documents: list[int] | None
+
+
+def _real_lengths(ids: list[torch.Tensor], mask: list | None) -> list[int]:
+    """Each row's real tokens: all of them, or the leading ones its attention_mask keeps (left or
+    inner padding is refused)."""
+    if mask is None:
+        return [r.numel() for r in ids]
+    kept = []
+    for i, m in enumerate(mask):
+        m = torch.as_tensor(m).to(torch.bool)
+        real = int(m.sum())
+        if not bool(m[:real].all()):
+            raise ValueError(
+                f"row {i} is not right-padded (its attention_mask has zeros before ones). Context "
+                "parallelism keeps causal attention exact only with right padding: set "
+                "tokenizer.padding_side = 'right' (or leave rows unpadded and let this collator pad them)."
+            )
+        kept.append(real)
+    return kept
+
+
+def _row_documents(features: list, packing: bool) -> list[int] | None:
+    """Document lengths of the packed row plain rows form: each row's ``seq_lengths`` (a
+    pre-packed row), or each row whole with ``packing``; ``None`` for separately padded rows."""
+    if "seq_lengths" in features[0]:
+        docs = []
+        for i, f in enumerate(features):
+            lengths = [int(x) for x in f["seq_lengths"]]
+            if sum(lengths) != len(f["input_ids"]) or min(lengths, default=0) < 1:
+                raise ValueError(
+                    f"row {i}: seq_lengths {lengths[:5]}... must be positive and add up to its {len(f['input_ids'])} "
+                    "tokens"
+                )
+            docs += lengths
+        return docs
+    return [len(f["input_ids"]) for f in features] if packing else None
+
+
+def _flattened_documents(batch: Mapping[str, Any]) -> list[int] | None:
+    """Document lengths of a flattening collator's one row (``DataCollatorWithFlattening``): from
+    its ``cu_seq_lens_q`` or from where its ``position_ids`` restart at 0; ``None`` otherwise."""
+    pos = batch.get("position_ids")
+    if pos is None:
+        return None
+    pos = torch.as_tensor(pos)
+    if pos.dim() != 2 or pos.shape[0] != 1:
+        return None
+    cu = batch.get("cu_seq_lens_q")
+    if cu is not None:
+        bounds = check_cu_seqlens(torch.as_tensor(cu), pos.shape[1])
+    else:
+        starts = (pos[0] == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            raise ValueError("the base collator's position_ids must start at 0 (they restart at 0 per document)")
+        bounds = (*starts, pos.shape[1])
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
 @dataclass(kw_only=True)
 class StripingCollator:
     """Collate a global batch and return this context-parallel rank's stripe of it.
@@ -98,6 +174,9 @@ class StripingCollator:
     """Refuse global sequences longer than this (e.g. the model's ``max_position_embeddings``)."""
     pad_ragged: bool = True
     """Right-pad rows of different lengths; ``False`` makes ragged rows an error."""
+    packing: bool = False
+    """Concatenate the batch's rows into one packed row of documents (one document per row, or
+    per entry of a row's ``seq_lengths``); see the module docstring."""
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -114,7 +193,16 @@ class StripingCollator:
 
     def global_batch(self, features: list) -> dict[str, torch.Tensor]:
         """The padded, shifted global batch before striping: ``input_ids``, ``shift_labels``,
-        ``position_ids``, each ``[batch, N]``."""
+        ``position_ids``, each ``[batch, N]`` (``[1, N]`` for packed documents, which add the
+        boundaries ``cu_seqlens``)."""
+        rows = self._rows(features)
+        if rows.documents is not None:
+            return self._packed_batch(rows)
+        return self._padded_batch(rows)
+
+    def _rows(self, features: list) -> _Rows:
+        """The batch's rows (real tokens only), labels and documents, from the features or the base
+        collator's output."""
         if not features:
             raise ValueError(
                 "empty batch: the collator got no rows. Check that the dataset is not empty and that the "
@@ -123,40 +211,36 @@ class StripingCollator:
             )
         if self.base_collator is not None:
             batch = dict(self.base_collator(features))
-            ids_rows = list(torch.as_tensor(batch["input_ids"]))
-            lab = batch.get("labels")
-            lab_rows = None if lab is None else list(torch.as_tensor(lab))
-            mask = batch.get("attention_mask")
-            mask_rows = None if mask is None else list(torch.as_tensor(mask))
+            get = lambda key: None if batch.get(key) is None else list(torch.as_tensor(batch[key]))  # noqa: E731
+            ids, labels, mask = list(torch.as_tensor(batch["input_ids"])), get("labels"), get("attention_mask")
+            documents = _flattened_documents(batch)
         else:
             if not isinstance(features[0], Mapping) or "input_ids" not in features[0]:
                 raise ValueError("each feature must be a mapping with 'input_ids' (tokenize the dataset first)")
-            ids_rows = _as_tensor_rows([f["input_ids"] for f in features], "input_ids")
-            lab_rows = _as_tensor_rows([f["labels"] for f in features], "labels") if "labels" in features[0] else None
-            mask_rows = (
-                _as_tensor_rows([f["attention_mask"] for f in features], "attention_mask")
-                if "attention_mask" in features[0]
-                else None
+            rows = lambda key: _as_tensor_rows([f[key] for f in features], key) if key in features[0] else None  # noqa: E731
+            ids, labels, mask = rows("input_ids"), rows("labels"), rows("attention_mask")
+            documents = _row_documents(features, self.packing)
+        ids = [torch.as_tensor(r).to(torch.long) for r in ids]
+        lengths = _real_lengths(ids, mask)
+        if labels is not None:
+            for i, (r, lab) in enumerate(zip(ids, labels)):
+                if torch.as_tensor(lab).numel() != r.numel():
+                    raise ValueError(f"row {i}: labels has {len(lab)} entries but input_ids has {r.numel()}")
+            labels = [torch.as_tensor(lab).to(torch.long)[:k] for lab, k in zip(labels, lengths)]
+        return _Rows([r[:k] for r, k in zip(ids, lengths)], labels, documents)
+
+    def _padded_length(self, longest: int, what: str) -> int:
+        n = -(-longest // self.multiple) * self.multiple
+        if self.max_length is not None and n > self.max_length:
+            raise ValueError(
+                f"the batch needs {n} positions ({longest} tokens {what} padded to a multiple of {self.multiple}) but "
+                f"the model has only {self.max_length} (max_position_embeddings): truncate or pack rows to at "
+                f"most {self.max_length // self.multiple * self.multiple} tokens"
             )
-        ids_rows = [torch.as_tensor(r).to(torch.long) for r in ids_rows]
-        lengths = [r.numel() for r in ids_rows]
-        if mask_rows is not None:  # keep only the real tokens; refuse left (or inner) padding
-            kept = []
-            for i, (r, m) in enumerate(zip(ids_rows, mask_rows)):
-                m = torch.as_tensor(m).to(torch.bool)
-                real = int(m.sum())
-                if not bool(m[:real].all()):
-                    raise ValueError(
-                        f"row {i} is not right-padded (its attention_mask has zeros before ones). Context "
-                        "parallelism keeps causal attention exact only with right padding: set "
-                        "tokenizer.padding_side = 'right' (or leave rows unpadded and let this collator pad them)."
-                    )
-                kept.append(real)
-            lengths = kept
-        if lab_rows is not None:
-            for i, (r, lab_r) in enumerate(zip(ids_rows, lab_rows)):
-                if torch.as_tensor(lab_r).numel() != r.numel():
-                    raise ValueError(f"row {i}: labels has {len(lab_r)} entries but input_ids has {r.numel()}")
+        return n
+
+    def _padded_batch(self, rows: _Rows) -> dict[str, torch.Tensor]:
+        lengths = [r.numel() for r in rows.ids]
         if not self.pad_ragged and len(set(lengths)) > 1:
             raise ValueError(
                 f"rows have different lengths {sorted(set(lengths))} and pad_ragged=False: pack the dataset "
@@ -167,30 +251,62 @@ class StripingCollator:
                 "every row of the batch is empty: filter out empty rows before training, e.g. "
                 "dataset.filter(lambda row: len(row['input_ids']) > 1)"
             )
-        longest = max(lengths)
-        n = -(-longest // self.multiple) * self.multiple
-        if self.max_length is not None and n > self.max_length:
-            raise ValueError(
-                f"the batch needs {n} positions ({longest} tokens padded to a multiple of {self.multiple}) but "
-                f"the model has only {self.max_length} (max_position_embeddings): truncate or pack rows to at "
-                f"most {self.max_length // self.multiple * self.multiple} tokens"
-            )
-        input_ids = _stack_padded([r[:k] for r, k in zip(ids_rows, lengths)], n, self.pad_token_id)
-        if lab_rows is None:
-            labels = _stack_padded([r[:k] for r, k in zip(ids_rows, lengths)], n, IGNORE_INDEX)
-        else:
-            labels = _stack_padded([torch.as_tensor(r).to(torch.long)[:k] for r, k in zip(lab_rows, lengths)], n, IGNORE_INDEX)
+        n = self._padded_length(max(lengths), "in its longest row")
+        input_ids = _stack_padded(rows.ids, n, self.pad_token_id)
+        labels = _stack_padded(rows.ids if rows.labels is None else rows.labels, n, IGNORE_INDEX)
         shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        position_ids = torch.arange(n).expand(len(ids_rows), -1)
+        position_ids = torch.arange(n).expand(len(rows.ids), -1)
         return dict(input_ids=input_ids, shift_labels=shift_labels, position_ids=position_ids)
 
+    def _packed_batch(self, rows: _Rows) -> dict[str, torch.Tensor]:
+        """One row of the batch's documents; the padding to the layout's multiple is its own
+        last document, and no document's last token predicts the next document's first."""
+        ids = torch.cat(rows.ids)
+        labels = ids if rows.labels is None else torch.cat(rows.labels)
+        docs = [d for d in rows.documents if d]
+        if sum(docs) != ids.numel() or not docs:
+            raise ValueError(
+                f"the batch's document lengths add up to {sum(docs)} but its rows hold {ids.numel()} tokens: "
+                "seq_lengths (or the base collator's position_ids) must cover every token"
+            )
+        self._check_document_lengths(docs)
+        n = -(-ids.numel() // self.multiple) * self.multiple
+        if n > ids.numel():
+            docs.append(n - ids.numel())
+        bounds = [0]
+        for length in docs:
+            bounds.append(bounds[-1] + length)
+        input_ids = torch.full((1, n), self.pad_token_id, dtype=torch.long)
+        input_ids[0, : ids.numel()] = ids
+        full = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+        full[: ids.numel()] = labels
+        shift = torch.cat([full[1:], full.new_full((1,), IGNORE_INDEX)])
+        shift[torch.tensor(bounds[1:], dtype=torch.long) - 1] = IGNORE_INDEX  # a document's last token: no target
+        position_ids = torch.cat([torch.arange(length) for length in docs])[None]
+        return dict(input_ids=input_ids, shift_labels=shift[None], position_ids=position_ids,
+                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+
+    def _check_document_lengths(self, docs: list[int]) -> None:
+        if self.max_length is not None and max(docs) > self.max_length:
+            raise ValueError(
+                f"a packed document has {max(docs)} tokens, more than the model's {self.max_length} positions "
+                f"(max_position_embeddings): truncate documents to at most {self.max_length} tokens before packing"
+            )
+
     def stripe(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's part of a :meth:`global_batch` (contiguous tensors)."""
+        """This rank's part of a :meth:`global_batch` (contiguous tensors); a packed row's part
+        follows its documents (``cu_seqlens``), which travel as ``cu_seq_lens_q`` / ``_k``."""
+        cu = batch.get("cu_seqlens")
+        bounds = None if cu is None else check_cu_seqlens(cu, batch["input_ids"].shape[1])
+        placed = places_documents(self.layout, self.cp_size, bounds)
         part = {
-            key: shard_local(batch[key], 1, self.layout, self.cp_rank, self.cp_size).contiguous()
+            key: (shard_placed(batch[key], 1, self.layout, self.cp_rank, self.cp_size, bounds) if placed
+                  else shard_local(batch[key], 1, self.layout, self.cp_rank, self.cp_size)).contiguous()
             for key in ("input_ids", "position_ids", "shift_labels")
         }
         part["labels"] = part["shift_labels"]
+        if cu is not None:
+            part["cu_seq_lens_q"] = part["cu_seq_lens_k"] = cu
         part[FINGERPRINT_KEY] = batch_fingerprint(batch["input_ids"], batch["shift_labels"])
         return part
 

@@ -205,18 +205,20 @@ class ContextParallel:
 
     # -- outputs ------------------------------------------------------------------------------
 
-    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, dim: int = 1, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """This CP group's full tensor in natural token order, on every rank of the group, from
         each rank's part (logits, hidden states, per-token losses: anything with a token dim).
-        Differentiable."""
+        Differentiable. ``cu_seqlens``: the batch's ``cu_seq_lens_q`` for a packed row."""
         if self.cp_size == 1:
             return x
-        return unshard(x, dim=dim, group=self.cp_group, layout=self.layout, timeout=self.timeout)
+        return unshard(x, dim=dim, group=self.cp_group, layout=self.layout, timeout=self.timeout, cu_seqlens=cu_seqlens)
 
-    def token_losses(self, logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    def token_losses(self, logits: torch.Tensor, shift_labels: torch.Tensor,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token losses ``[batch, N]`` of the whole CP group's sequences in natural order
-        (0 at ignored targets), from this rank's logits and shifted labels."""
+        (0 at ignored targets), from this rank's logits and shifted labels (``cu_seqlens`` as in
+        :meth:`gather`)."""
         local = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX, reduction="none"
         ).view(shift_labels.shape)
-        return self.gather(local, dim=1)
+        return self.gather(local, dim=1, cu_seqlens=cu_seqlens)

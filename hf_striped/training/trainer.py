@@ -131,7 +131,9 @@ class StripedTrainer(Trainer):
             inputs = self.cp.check_batch(self._prepare_inputs(inputs))
             labels = inputs["shift_labels"]
             with torch.no_grad(), self.compute_loss_context_manager(), self.cp.context():
-                logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
+                docs = {k: inputs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k") if k in inputs}
+                logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
+                               **docs).logits
             loss_sum = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
             )
