@@ -249,3 +249,18 @@ def agreement(rank, world, case):
         except Exception as exc:  # noqa: BLE001 - reported to the test
             got = (type(exc).__name__, str(exc))
     return got, spy.collectives
+
+
+def documents_case(rank, world, case, layout, bounds):
+    """Ring attention over a packed row of documents on a real group: shard with the documents'
+    ``cu_seqlens``, forward + backward, and every result unsharded back to natural order."""
+    group = dist.group.WORLD
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    q, k, v, dout = case.inputs()
+    parts = [hf_striped.shard(t, dim=1, group=group, layout=layout, cu_seqlens=cu).clone().requires_grad_()
+             for t in (q, k, v)]
+    out, lse = ring_attention_with_lse(*parts, group=group, layout=layout, cu_seqlens=cu, timeout=60)
+    out.backward(hf_striped.shard(dout, dim=1, group=group, layout=layout, cu_seqlens=cu))
+    full = lambda x: hf_striped.unshard(x, dim=1, group=group, layout=layout, cu_seqlens=cu)  # noqa: E731
+    return dict(out=full(out.detach()), lse=full(lse.transpose(1, 2)).transpose(1, 2),
+                dq=full(parts[0].grad), dk=full(parts[1].grad), dv=full(parts[2].grad))

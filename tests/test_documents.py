@@ -1,0 +1,235 @@
+"""Packed documents (``cu_seqlens``): the placement of every layout, the per-document block rule,
+and ring attention exact against float64 attention run document by document (out, lse, dq, dk,
+dv), in process and over real gloo groups."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dist_workers
+import hf_striped
+from exactness import Case, assert_exact
+from hf_striped.core.documents import (
+    check_cu_seqlens,
+    placement,
+    placement_blocks,
+    places_documents,
+    shard_placed,
+    unshard_placed,
+)
+from hf_striped.core.layout import LAYOUTS, shard_local, split_multiple, unshard_local
+from hf_striped.core.ring import ring_attention_inprocess
+from hf_striped.kernels.reference import ReferenceKernel, band_mask, plain_attention
+
+
+def _bounds(lengths) -> tuple[int, ...]:
+    out = [0]
+    for length in lengths:
+        out.append(out[-1] + length)
+    return tuple(out)
+
+
+def _shard(x, layout, rank, P, bounds):
+    if places_documents(layout, P, bounds):
+        return shard_placed(x, 1, layout, rank, P, bounds)
+    return shard_local(x, 1, layout, rank, P)
+
+
+def _unshard(parts, layout, bounds):
+    if places_documents(layout, len(parts), bounds):
+        return unshard_placed(parts, 1, layout, bounds)
+    return unshard_local(parts, 1, layout)
+
+
+def _dense(pl, rank, source, causal=True, window=None) -> torch.Tensor:
+    """The [c, c] visibility the calls of ``placement_blocks`` compute; every score at most once."""
+    m = torch.zeros(pl.c, pl.c, dtype=torch.bool)
+    for b in placement_blocks(pl, rank, source, causal, window):
+        sub = m[b.q, b.k]
+        vis = torch.ones_like(sub) if b.band is None else band_mask(*sub.shape, b.band)
+        vis = vis.tril() if b.causal else vis
+        assert not (sub & vis).any(), "a score computed twice"
+        m[b.q, b.k] = sub | vis
+    return m
+
+
+def _check_placement(layout, P, lengths, window=None, causal=True):
+    unit = split_multiple(layout, P)
+    lengths = list(lengths)
+    if sum(lengths) % unit:
+        lengths.append(unit - sum(lengths) % unit)
+    bounds, n = _bounds(lengths), sum(lengths)
+    pl = placement(layout, P, n, bounds)
+    idx = [pl.indices(r) for r in range(P)]
+    assert sorted(torch.cat(idx).tolist()) == list(range(n)), "every token on exactly one rank"
+    assert all(i.numel() == n // P for i in idx), "every rank holds N / P tokens"
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    for r in range(P):
+        for s in range(P):
+            gq, gk = idx[r][:, None], idx[s][None, :]
+            expected = doc[gq] == doc[gk]
+            if causal:
+                expected &= gk <= gq
+            if window:
+                expected &= gk > gq - window
+            assert torch.equal(_dense(pl, r, s, causal, window), expected), (layout, P, lengths, r, s)
+            if s != r:  # keys past `travel` are never seen from another rank: messages leave them out
+                assert not expected[:, pl.travel:].any()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    P=st.integers(1, 5),
+    layout=st.sampled_from(LAYOUTS),
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=14),
+    window=st.sampled_from([None, None, 1, 3, 7]),
+)
+def test_blocks_compute_exactly_each_documents_causal_set(P, layout, lengths, window):
+    _check_placement(layout, P, lengths, window)
+
+
+def test_blocks_without_causality_stay_inside_documents():
+    _check_placement("striped", 3, [5, 1, 9, 2], causal=False)
+    _check_placement("zigzag", 2, [3, 3, 6], causal=False)
+
+
+def test_striped_places_short_documents_whole_and_long_ones_striped():
+    P, c = 4, 64
+    lengths = [200, 10, 9, 8, 7, 6, 5, 4, 3, 2] + [1] * 2  # one document longer than a rank's share
+    bounds = _bounds(lengths)
+    pl = placement("striped", P, P * c, bounds)
+    by_doc: dict[int, list] = {}
+    for r in range(P):
+        for run in pl.runs[r]:
+            by_doc.setdefault(run.doc, []).append((r, run.stride))
+    assert sorted(r for r, _ in by_doc[0]) == list(range(P)) and {t for _, t in by_doc[0]} == {P}
+    whole = [d for d in range(1, len(lengths)) if len(by_doc[d]) == 1]
+    assert len(whole) >= len(lengths) - 3, by_doc  # at most a couple split to fill ranks exactly
+    assert pl.travel < c  # whole documents never travel
+    plain = placement("contiguous", P, P * c, bounds)
+    assert plain.travel == c
+
+
+def test_a_row_of_short_documents_needs_no_ring_messages():
+    P = 4
+    lengths = [8] * 16  # 4 whole documents per rank
+    pl = placement("striped", P, sum(lengths), _bounds(lengths))
+    assert pl.travel == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([0, 5, 5, 8], "strictly increase"),
+    ([0, 5, 7], "run from 0 to the packed row's length 8"),
+    ([1, 8], "run from 0"),
+    (torch.tensor([[0, 8]]), "1-d integer tensor"),
+    (torch.tensor([0.0, 8.0]), "1-d integer tensor"),
+])
+def test_bad_cu_seqlens_say_what_to_fix(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_cu_seqlens(bad if torch.is_tensor(bad) else torch.tensor(bad, dtype=torch.int32), 8)
+
+
+def _doc_expected(case, bounds, window=None):
+    """float64 reference and same-dtype plain attention, each document alone."""
+    q, k, v, dout = case.inputs()
+    kern = ReferenceKernel()
+    ref = {n: [] for n in ("out", "lse", "dq", "dk", "dv")}
+    base = {n: [] for n in ref}
+    scale = q.shape[-1] ** -0.5
+    band = None if window is None else (0, window - 1)
+    for a, b in zip(bounds, bounds[1:]):
+        qd, kd, vd, dd = (t[:, a:b].double() for t in (q, k, v, dout))
+        out, lse = kern.forward(qd, kd, vd, True, scale, band=band)
+        grads = kern.backward(dd, qd, kd, vd, out, lse, True, scale, band=band)
+        for name, t in zip(ref, (out, lse, *grads)):
+            ref[name].append(t)
+        qp, kp, vp = (t[:, a:b].clone().requires_grad_() for t in (q, k, v))
+        out_p, lse_p = plain_attention(qp, kp, vp, True, window=window)
+        out_p.backward(dout[:, a:b])
+        for name, t in zip(base, (out_p.detach(), lse_p.detach(), qp.grad, kp.grad, vp.grad)):
+            base[name].append(t)
+    cat = lambda d: {n: torch.cat(ts, dim=2 if n == "lse" else 1) for n, ts in d.items()}  # noqa: E731
+    return cat(ref), cat(base)
+
+
+def _ring_documents(case, P, layout, bounds, **kwargs) -> dict:
+    q, k, v, dout = case.inputs()
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    shards = [[_shard(t, layout, r, P, bounds).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
+    outs, lses = ring_attention_inprocess(*shards, layout=layout, cu_seqlens=cu, **kwargs)
+    torch.autograd.backward(outs, [_shard(dout, layout, r, P, bounds) for r in range(P)])
+    lse = _unshard([x.transpose(1, 2) for x in lses], layout, bounds).transpose(1, 2)
+    return dict(out=_unshard([o.detach() for o in outs], layout, bounds), lse=lse,
+                **{n: _unshard([t.grad for t in ts], layout, bounds) for n, ts in zip(("dq", "dk", "dv"), shards)})
+
+
+MIXES = {
+    "ones_and_twos": lambda n, P: [1, 2] * (n // 3) + [1] * (n % 3),
+    "fewer_than_P": lambda n, P: [max(1, P - 1)] * (n // max(1, P - 1)) + [n % max(1, P - 1)],
+    "exactly_P": lambda n, P: [P] * (n // P),
+    "single": lambda n, P: [n],
+    "many": lambda n, P: [n // 60] * 59 + [n - 59 * (n // 60)],
+    "crossing": lambda n, P: [n // 3 + 1, n // 4 - 1, n - (n // 3 + 1) - (n // 4 - 1)],
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_ring_with_documents_is_exact(P, layout, dtype, mix):
+    n = 240 if mix == "many" else 24 * P
+    lengths = [x for x in MIXES[mix](n, P) if x > 0]
+    assert sum(lengths) == n
+    bounds = _bounds(lengths)
+    case = Case(batch=1, seq=n, heads=6, kv_heads=2, head_dim=33, dtype=dtype, seed=P)
+    ours = _ring_documents(case, P, layout, bounds)
+    ref, base = _doc_expected(case, bounds)
+    assert_exact(f"P={P} {layout} {dtype} {mix} ({len(lengths)} documents)", ours, ref, base)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    P=st.integers(1, 4),
+    layout=st.sampled_from(LAYOUTS),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=10),
+    window=st.sampled_from([None, 2, 5]),
+    seed=st.integers(0, 1000),
+)
+def test_random_document_mixes_with_windows_are_exact(P, layout, lengths, window, seed):
+    unit = split_multiple(layout, P)
+    if sum(lengths) % unit:
+        lengths = [*lengths, unit - sum(lengths) % unit]
+    bounds = _bounds(lengths)
+    case = Case(batch=1, seq=sum(lengths), heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, seed=seed)
+    ours = _ring_documents(case, P, layout, bounds, window=window, backend=random.Random(seed).choice(
+        ["torch_cpu", "reference"]))
+    ref, base = _doc_expected(case, bounds, window)
+    assert_exact(f"P={P} {layout} window={window} {lengths}", ours, ref, base)
+
+
+def test_documents_need_one_row():
+    q = torch.randn(2, 8, 2, 8)
+    with pytest.raises(ValueError, match="one packed row"):
+        hf_striped.ring_attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("P", [2, 3])
+def test_ring_with_documents_over_gloo(dist_pool, P, layout):
+    lengths = [1, 2, P, 3 * P + 1, 17, 5]
+    unit = split_multiple(layout, P)
+    lengths.append(unit - sum(lengths) % unit if sum(lengths) % unit else unit)
+    bounds = _bounds(lengths)
+    case = Case(batch=1, seq=sum(lengths), heads=6, kv_heads=2, head_dim=16, dtype=torch.float32, seed=3)
+    per_rank = dist_pool(P).run(dist_workers.documents_case, case, layout, bounds)
+    for r, res in enumerate(per_rank):  # unshard gave every rank the same full tensors
+        for name in res:
+            assert torch.equal(res[name], per_rank[0][name]), (r, name)
+    ref, base = _doc_expected(case, bounds)
+    assert_exact(f"gloo P={P} {layout} documents", per_rank[0], ref, base)
