@@ -264,3 +264,46 @@ def documents_case(rank, world, case, layout, bounds):
     full = lambda x: hf_striped.unshard(x, dim=1, group=group, layout=layout, cu_seqlens=cu)  # noqa: E731
     return dict(out=full(out.detach()), lse=full(lse.transpose(1, 2)).transpose(1, 2),
                 dq=full(parts[0].grad), dk=full(parts[1].grad), dv=full(parts[2].grad))
+
+
+def packed_model_case(rank, world, model_dir, documents, layout, dtype=torch.float32, mode="collator"):
+    """A causal LM on one padding-free row of ``documents`` (token id lists) made by Transformers'
+    ``DataCollatorWithFlattening``, under CP over the whole world. ``mode``: ``"collator"`` (hf_striped's
+    collator on top of it: the row is placed by its documents and carries ``cu_seq_lens_q``) or
+    ``"shard"`` (the flattened row sharded with ``hf_striped.shard`` alone: hf_striped finds the
+    documents from the positions). Returns the full logits and per-token losses (natural order)
+    and (rank 0) the CP-group-summed gradients of the summed loss."""
+    from transformers import DataCollatorWithFlattening
+
+    group = dist.group.WORLD
+    model = _load(model_dir, dtype)
+    features = [{"input_ids": d} for d in documents]
+    if mode == "collator":
+        cp = hf_striped.ContextParallel(world, layout=layout)
+        batch = cp.check_batch(cp.collator(pad_token_id=0, base_collator=DataCollatorWithFlattening())(features))
+        cu = batch["cu_seq_lens_q"]
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    else:
+        flat = DataCollatorWithFlattening(return_tensors="pt")(features)
+        n = flat["input_ids"].shape[1]
+        pad = -n % (2 * world if layout == "zigzag" else world)  # the padding: its own last document
+        ids = torch.cat([flat["input_ids"], torch.zeros(1, pad, dtype=torch.long)], 1)
+        pos = torch.cat([flat["position_ids"], torch.arange(pad)[None]], 1)
+        labels = torch.cat([flat["labels"], torch.full((1, pad), -100)], 1)
+        shift = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], 1)
+        batch = {k: hf_striped.shard(t, dim=1, group=group, layout=layout)
+                 for k, t in (("input_ids", ids), ("position_ids", pos), ("shift_labels", shift))}
+        cu, kwargs = None, {}
+    with hf_striped.context_parallel(group, layout=layout):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **kwargs).logits
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100, reduction="none")[None]
+    token_loss.sum().backward()
+    full = lambda x: hf_striped.unshard(x, dim=1, group=group, layout=layout, cu_seqlens=cu)  # noqa: E731
+    result = dict(logits=full(logits.detach()), token_loss=full(token_loss.detach()))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g, group=group)
+    if rank == 0:
+        result["grads"] = grads
+    return result

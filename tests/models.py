@@ -58,3 +58,25 @@ def single_process(path, input_ids, attn="sdpa", dtype=torch.float32, want_grads
         token_loss.sum().backward()
         out["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
     return out
+
+
+def single_process_documents(path, documents, attn="sdpa", dtype=torch.float32, want_grads=True):
+    """:func:`single_process` of each document alone (token id lists), concatenated: logits and
+    per-token losses (a document's last token has no target), and the gradients of their sum."""
+    model = load(path, attn, dtype)
+    model.train()
+    logits, losses = [], []
+    for doc in documents:
+        ids = torch.tensor([doc])
+        shift = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+        out = model(input_ids=ids, use_cache=False).logits
+        logits.append(out)
+        losses.append(torch.nn.functional.cross_entropy(
+            out.to(torch.float64 if dtype == torch.float64 else torch.float32).flatten(0, 1), shift.flatten(),
+            ignore_index=-100, reduction="none")[None])
+    token_loss = torch.cat(losses, dim=1)
+    result = dict(logits=torch.cat(logits, dim=1).detach(), token_loss=token_loss.detach())
+    if want_grads:
+        token_loss.sum().backward()
+        result["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return result

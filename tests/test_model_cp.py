@@ -8,7 +8,7 @@ import torch
 import dist_workers
 from exactness import max_err
 from hf_striped.core.layout import LAYOUTS, unshard_local
-from models import single_process
+from models import single_process, single_process_documents
 
 
 def _rule(label, ours, ref, base):
@@ -94,3 +94,48 @@ def test_smollm2_cp2_logits_and_token_losses(dist_pool, smollm2_dir):
     base = single_process(smollm2_dir, ids, "sdpa", torch.float32, want_grads=False)
     per_rank = dist_pool(2).run(dist_workers.model_case, smollm2_dir, ids, "striped", torch.float32, False)
     _check("SmolLM2-135M CP=2 striped", per_rank, "striped", ref, base, grads=False)
+
+
+def _documents(seed: int, lengths) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def _check_packed(label, per_rank, ref, base, grads=True):
+    """The packed row's results (already in natural order on every rank; the row's padding past
+    the documents dropped) against one process running the documents one by one."""
+    n = ref["logits"].shape[1]
+    ours = [dict(logits=per_rank[0]["logits"][:, :n], token_loss=per_rank[0]["token_loss"][:, :n],
+                 grads=per_rank[0].get("grads"))]
+    _check(label, ours, "striped", ref, base, grads=grads)
+
+
+@pytest.mark.parametrize("mode", ["collator", "shard"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("P", [2, 3])
+def test_tiny_llama_packed_documents(dist_pool, tiny_llama_dir, P, layout, mode):
+    """DataCollatorWithFlattening rows under CP (through hf_striped's collator, or sharded as they
+    are): logits, per-token losses and gradients of the documents run one by one."""
+    docs = _documents(P, [1, 2, P, 13, 3 * P + 1, 40, 7])
+    ref = single_process_documents(tiny_llama_dir, docs, dtype=torch.float64)
+    base = single_process_documents(tiny_llama_dir, docs, dtype=torch.float32)
+    per_rank = dist_pool(P).run(dist_workers.packed_model_case, tiny_llama_dir, docs, layout, torch.float32, mode)
+    _check_packed(f"tiny llama packed CP={P} {layout} {mode}", per_rank, ref, base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P", [2, 3])
+def test_smollm2_packed_documents(dist_pool, smollm2_dir, P):
+    """The real SmolLM2-135M on a packed row of documents (our own source files as text)."""
+    from transformers import AutoTokenizer
+
+    import hf_striped.core.documents as documents_module
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = open(documents_module.__file__, encoding="utf-8").read()
+    ids = tok(text).input_ids
+    docs = [ids[:90], ids[90:91], ids[200:203], ids[300:420], ids[500:531]]
+    ref = single_process_documents(smollm2_dir, docs, dtype=torch.float64, want_grads=False)
+    base = single_process_documents(smollm2_dir, docs, dtype=torch.float32, want_grads=False)
+    per_rank = dist_pool(P).run(dist_workers.packed_model_case, smollm2_dir, docs, "striped", torch.float32, "collator")
+    _check_packed(f"SmolLM2-135M packed CP={P}", per_rank, ref, base, grads=False)
