@@ -43,3 +43,39 @@ def missing_position_ids_case(rank, world, model_dir):
             model(input_ids=ids, use_cache=False)
 
     return _caught(run)
+
+
+def packed_case(rank, world, model_dir, what):
+    """A tiny Llama on one packed row inside context_parallel, with one kind of bad input:
+    ``"positions"`` (rank 1's positions restart elsewhere than rank 0's say), ``"too_long"`` (a
+    document longer than max_position_embeddings), ``"cu_order"`` / ``"cu_cover"`` (boundaries that
+    do not increase / do not cover the row, given to every rank), ``"cu_differ"`` (ranks given
+    different boundaries)."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="striped_ring")
+    group = dist.group.WORLD
+    n = 16 * world
+    lengths = [5, 11, n - 16] if what != "too_long" else [n - 2, 2]
+    if what == "too_long":
+        model.config.max_position_embeddings = n - 4
+    cu = torch.tensor([0, lengths[0], lengths[0] + lengths[1], n], dtype=torch.int32)
+    pos = torch.cat([torch.arange(x) for x in lengths])[None]
+    kwargs = {}
+    if what == "cu_order":
+        kwargs["cu_seq_lens_q"] = torch.tensor([0, 9, 5, n], dtype=torch.int32)
+    elif what == "cu_cover":
+        kwargs["cu_seq_lens_q"] = torch.tensor([0, 5, n - 1], dtype=torch.int32)
+    elif what == "cu_differ":
+        kwargs["cu_seq_lens_q"] = cu if rank == 0 else torch.tensor([0, 6, 16, n], dtype=torch.int32)
+    local = hf_striped.shard(pos, dim=1, group=group)
+    if what == "positions" and rank == 1:
+        local = local.clone()
+        local[0, 3] = 0  # a restart rank 0's positions know nothing of
+    ids = hf_striped.shard(torch.arange(3, 3 + n)[None] % 100, dim=1, group=group)
+    t0 = time.monotonic()
+    with hf_striped.context_parallel(group, timeout=60):
+        got = _caught(lambda: model(input_ids=ids, position_ids=local, use_cache=False, **kwargs))
+    return got, time.monotonic() - t0

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import hf_striped
+import bad_input_workers
 from bad_input_workers import cp_size_case, different_batches_case, missing_position_ids_case
 from hf_striped.training.data import IGNORE_INDEX, StripingCollator
 from hf_striped.kernels import select_kernel
@@ -218,3 +219,37 @@ def test_context_without_a_process_group(monkeypatch):
     with pytest.raises(RuntimeError, match=r"call torch.distributed.init_process_group"):
         with hf_striped.context_parallel(dist.group.WORLD):
             pass
+
+
+@pytest.mark.parametrize("what, match", [
+    ("positions", "neither"),
+    ("too_long", "longer than the model's max_position_embeddings"),
+    ("cu_order", "strictly increase"),
+    ("cu_cover", "run from 0 to the packed row's length"),
+    ("cu_differ", "different document boundaries"),
+])
+def test_bad_packed_rows_raise_on_every_rank(dist_pool, tiny_llama_dir, what, match):
+    """Packed documents given wrongly: every rank raises the same kind of error at once (a rank
+    whose own check refused its input tells its peers, who stop too), none waits."""
+    res = dist_pool(2).run(bad_input_workers.packed_case, tiny_llama_dir, what)
+    for rank, (got, seconds) in enumerate(res):
+        print(rank, got, f"{seconds:.2f} s")
+        assert got is not None and seconds < 10, (rank, got)
+    assert any(match in msg for _, msg in (got for got, _ in res)), res
+    for got, _ in res:
+        assert got[0] == "ValueError", got
+        assert match in got[1] or "rejected its inputs" in got[1], got
+
+
+def test_padding_inside_a_packed_row_is_refused():
+    from transformers import DataCollatorWithFlattening
+
+    def flatten_with_padding(features):
+        batch = DataCollatorWithFlattening(return_tensors="pt")(features)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        batch["attention_mask"][0, 2] = 0
+        return batch
+
+    collate = StripingCollator(cp_rank=0, cp_size=2, base_collator=flatten_with_padding)
+    with pytest.raises(ValueError, match="padding-free row has padding"):
+        collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])

@@ -65,7 +65,7 @@ class PositionCheck:
         would leave its peers waiting in the agreement). ``pos`` is ``None`` for a wrong shape."""
         given = bounds is not None
         out = {"positions: wrong shape": int(pos is None), "documents given": int(given),
-               "document boundaries": bounds_checksum(bounds)}
+               "positions: document boundaries": bounds_checksum(bounds)}
         if pos is None:
             return {**out, "positions: differ from the documents": 0, **dict.fromkeys(_SUMMARY, 0)}
         if given:
@@ -92,7 +92,7 @@ class PositionCheck:
                 f"position_ids must be [batch or 1, tokens on this rank]; got {tuple(position_ids.shape)} on this rank "
                 f"(batch {batch}, {c} tokens) or a wrong shape on another rank of the CP group. {_HOW}."
             )
-        if not (verdict.same("documents given") and verdict.same("document boundaries")):
+        if not (verdict.same("documents given") and verdict.same("positions: document boundaries")):
             raise ValueError(
                 "the ranks of the CP group were given different document boundaries (cu_seq_lens_q), or some were "
                 "given none: pass every rank the same global boundaries of the packed row (the collator of "

@@ -221,6 +221,12 @@ class StripingCollator:
             ids, labels, mask = rows("input_ids"), rows("labels"), rows("attention_mask")
             documents = _row_documents(features, self.packing)
         ids = [torch.as_tensor(r).to(torch.long) for r in ids]
+        if documents is not None and mask is not None and not all(bool(torch.as_tensor(m).all()) for m in mask):
+            raise ValueError(
+                "a padding-free row has padding tokens (its attention_mask has zeros): packed documents take no "
+                "padding; give the flattening collator (or packing=True) unpadded rows, and this collator pads "
+                "only the row's end, as a document of its own"
+            )
         lengths = _real_lengths(ids, mask)
         if labels is not None:
             for i, (r, lab) in enumerate(zip(ids, labels)):
