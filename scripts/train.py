@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="*", default=None, help="local .txt/.md/.json/.jsonl/.parquet files; default: text on this machine")
     p.add_argument("--text-column", default="text")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (the whole CP group's sequence); with --no-pack the longest row")
-    p.add_argument("--no-pack", action="store_true", help="one document per row, cut at --seq-len, each batch padded to its longest row (default: pack documents into rows of exactly --seq-len)")
+    p.add_argument("--no-pack", action="store_true", help="one document per row, cut at --seq-len, each batch padded to its longest row (default: pack documents into rows of exactly --seq-len, each document attending only to itself)")
+    p.add_argument("--concat", action="store_true", help="pack by plain concatenation: documents joined with EOS attend to the ones before them in their row (default: documents kept apart; a batch of rows is one padding-free row)")
     p.add_argument("--cp-size", type=int, default=2, help="processes per context-parallel group; must divide the world size")
     p.add_argument("--layout", default="striped", choices=["striped", "contiguous", "zigzag"])
     p.add_argument("--backend", default="auto", help="block kernel (hf_striped.kernels.BACKENDS)")
@@ -265,8 +266,9 @@ def build_data(run: Run, model, tokenizer) -> Data:
         if args.no_pack:
             dataset = truncate(rows, tokenizer, args.seq_len, args.text_column)
         else:
-            dataset = pack(rows, tokenizer, args.seq_len, args.text_column, eos_id=eos)
-    run.say(f"[train] data: {description}: {len(dataset)} sequences of {'up to ' if args.no_pack else ''}{args.seq_len} tokens")
+            dataset = pack(rows, tokenizer, args.seq_len, args.text_column, eos_id=eos, separate=not args.concat)
+    kind = "up to " if args.no_pack else "" if args.concat else "packed documents kept apart, "
+    run.say(f"[train] data: {description}: {len(dataset)} sequences of {kind}{args.seq_len} tokens")
     if len(dataset) < args.batch_size * cp.dp_size:
         raise SystemExit(f"only {len(dataset)} packed sequences for {cp.dp_size} replica(s) x batch {args.batch_size}: add data or shorten --seq-len")
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -408,9 +410,10 @@ def train(run: Run, trained: dict[str, Any], data: Data, state: dict[str, Any]) 
 
 
 def probe_logits(run: Run, model, data: Data) -> torch.Tensor:
-    """The trained model's CP logits of the first sequence, gathered in natural order (tests compare
-    them with the saved folder loaded by plain Transformers). Leaves ``model`` in eval mode."""
-    probe = run.cp.check_batch(data.collate([data.dataset[0]]))
+    """The trained model's CP logits of the first row's tokens as one sequence, gathered in natural
+    order (tests compare them with the saved folder loaded by plain Transformers). Leaves ``model``
+    in eval mode."""
+    probe = run.cp.check_batch(data.collate([{"input_ids": data.dataset[0]["input_ids"]}]))
     model.eval()
     device = run.accelerator.device
     with torch.no_grad(), run.cp.context():

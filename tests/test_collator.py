@@ -126,3 +126,63 @@ def test_packing_carries_the_remainder_across_document_batches():
     assert all(len(r) == 3000 for r in packed["input_ids"])
     with pytest.raises(ValueError, match="10000 tokens, fewer than 20000"):
         pack(ds, None, 20000, eos_id=0)
+
+
+@pytest.mark.parametrize("layout", ["striped", "contiguous", "zigzag"])
+@pytest.mark.parametrize("P", [1, 2, 3])
+def test_packing_keeps_documents_apart(layout, P):
+    """Rows packed into one padding-free row: positions restart per document, no label crosses
+    a document, the padding is a document of its own, every rank's part follows the documents
+    and carries the global boundaries."""
+    from hf_striped.core.documents import places_documents, unshard_placed
+    from hf_striped.core.layout import unshard_local
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]},
+            {"input_ids": [9, 10, 11, 12, 13], "labels": [-100, -100, 11, 12, 13]}]
+    parts = [StripingCollator(cp_rank=r, cp_size=P, layout=layout, pad_token_id=0, packing=True)(rows) for r in range(P)]
+    cu = parts[0]["cu_seq_lens_q"]
+    n = int(cu[-1])
+    assert cu.dtype == torch.int32 and cu[:4].tolist() == [0, 3, 4, 9] and n % (2 * P if layout == "zigzag" else P) == 0
+    assert all(torch.equal(p["cu_seq_lens_q"], cu) and torch.equal(p["cu_seq_lens_k"], cu) for p in parts)
+    bounds = tuple(cu.tolist())
+    join = (lambda xs: unshard_placed(xs, 1, layout, bounds)) if places_documents(layout, P, bounds) else \
+        (lambda xs: unshard_local(xs, 1, layout))
+    ids, pos, labels = (join([p[k] for p in parts])[0].tolist() for k in ("input_ids", "position_ids", "shift_labels"))
+    assert ids[:9] == [5, 6, 7, 8, 9, 10, 11, 12, 13] and set(ids[9:]) <= {0}
+    assert pos == [0, 1, 2, 0, 0, 1, 2, 3, 4] + list(range(n - 9))
+    assert labels[:9] == [6, 7, -100, -100, -100, 11, 12, 13, -100] and set(labels[9:]) <= {-100}
+    assert all(torch.equal(p["labels"], p["shift_labels"]) for p in parts)
+
+
+def test_pre_packed_rows_and_a_flattening_base_collator_give_the_same_row():
+    from transformers import DataCollatorWithFlattening
+
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    flat = StripingCollator(cp_rank=1, cp_size=2, base_collator=DataCollatorWithFlattening())([{"input_ids": d} for d in docs])
+    packed = StripingCollator(cp_rank=1, cp_size=2, packing=True)([{"input_ids": d} for d in docs])
+    rows = StripingCollator(cp_rank=1, cp_size=2)([{"input_ids": [5, 6, 7, 8], "seq_lengths": [3, 1]},
+                                                   {"input_ids": [9, 10, 11, 12], "seq_lengths": [4]}])
+    for key in ("input_ids", "position_ids", "shift_labels", "cu_seq_lens_q", "cp_fingerprint"):
+        assert torch.equal(flat[key], packed[key]) and torch.equal(packed[key], rows[key]), key
+    with pytest.raises(ValueError, match="seq_lengths"):
+        StripingCollator(cp_rank=0, cp_size=2)([{"input_ids": [5, 6, 7], "seq_lengths": [2]}])
+
+
+def test_packed_documents_longer_than_the_model_are_refused():
+    with pytest.raises(ValueError, match="a packed document has 5 tokens, more than the model's 4 positions"):
+        StripingCollator(cp_rank=0, cp_size=2, packing=True, max_length=4)([{"input_ids": [1, 2, 3, 4, 5]}])
+    # the row itself may be longer than the model's positions: they restart per document
+    out = StripingCollator(cp_rank=0, cp_size=2, packing=True, max_length=4)([{"input_ids": [1, 2, 3]}] * 3)
+    assert int(out["cu_seq_lens_q"][-1]) == 10
+
+
+def test_pack_with_separate_documents_lists_their_lengths():
+    import datasets
+
+    from hf_striped.tools.textdata import pack
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]})
+    rows = list(pack(ds, None, 4, eos_id=0, separate=True))
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4], [5, 0, 6, 7], [0, 8, 9, 10], [11, 12, 13, 14]]
+    assert [r["seq_lengths"] for r in rows] == [[4], [2, 2], [1, 3], [4]]
+    assert "seq_lengths" not in pack(ds, None, 4, eos_id=0).column_names

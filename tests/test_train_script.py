@@ -95,6 +95,7 @@ def cp_run(workdir, tiny_llama_dir):
 def test_accelerate_launch_cp2_matches_one_process(cp_run, workdir, tiny_llama_dir):
     out, proc = cp_run
     assert "[train] step 6/6" in proc.stdout, proc.stdout + proc.stderr
+    assert "packed documents kept apart" in proc.stdout  # the default: documents never attend to each other
     single = run(train_cmd(tiny_llama_dir, workdir / "data.jsonl", workdir / "single", cp_size=1))
     assert single.returncode == 0, single.stderr
     cp, one = losses_of(out), losses_of(workdir / "single")

@@ -1,4 +1,5 @@
-"""Training text as a ``datasets.Dataset`` of token rows: packed into fixed-length rows
+"""Training text as a ``datasets.Dataset`` of token rows: packed into fixed-length rows (with their
+documents' boundaries, or plainly concatenated)
 (:func:`pack`), or one document per row, cut at a maximum length (:func:`truncate`).
 
 Sources: local text / json / jsonl / parquet files (a text column, or an already tokenized
@@ -48,19 +49,38 @@ def load_rows(data_files: list[str] | None, text_column: str = "text") -> tuple[
     return ds, ", ".join(Path(f).name for f in data_files)
 
 
-def _packed_rows(ds: datasets.Dataset, seq_len: int, eos_id: int | None):
+def _packed_rows(ds: datasets.Dataset, seq_len: int, eos_id: int | None, separate: bool = False):
     """Rows of exactly ``seq_len`` tokens from the documents joined with EOS, carrying what is
-    left of each batch of documents into the next, so only the stream's final remainder is lost."""
+    left of each batch of documents into the next, so only the stream's final remainder is lost.
+    With ``separate`` every row also lists the lengths of its documents (``seq_lengths``; a
+    document cut at a row's end continues as a new one in the next row)."""
     buf: list[int] = []
+    docs: list[int] = []  # lengths of the documents (or their remainders) in buf, in order
     for batch in ds.iter(batch_size=1000):
         for ids in batch["input_ids"]:
             buf.extend(ids)
             if eos_id is not None:
                 buf.append(eos_id)
-        n = len(buf) // seq_len * seq_len
-        for i in range(0, n, seq_len):
-            yield {"input_ids": buf[i : i + seq_len]}
-        del buf[:n]
+            docs.append(len(ids) + (eos_id is not None))
+        while len(buf) >= seq_len:
+            row, take = {"input_ids": buf[:seq_len]}, _take(docs, seq_len)
+            if separate:
+                row["seq_lengths"] = take
+            yield row
+            del buf[:seq_len]
+
+
+def _take(docs: list[int], n: int) -> list[int]:
+    """Remove the first ``n`` tokens' worth of document lengths from ``docs``; return them."""
+    out = []
+    while n:
+        k = min(n, docs[0])
+        out.append(k)
+        n -= k
+        docs[0] -= k
+        if not docs[0]:
+            docs.pop(0)
+    return out
 
 
 def _tokenized(ds: datasets.Dataset, tokenizer, text_column: str) -> datasets.Dataset:
@@ -91,17 +111,21 @@ def truncate(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "
     return ds
 
 
-def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text", eos_id: int | None = None) -> datasets.Dataset:
+def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text", eos_id: int | None = None,
+         separate: bool = False) -> datasets.Dataset:
     """Tokenize (unless ``input_ids`` is already there), join documents with EOS and cut the
     stream into rows of exactly ``seq_len`` tokens (only the stream's final remainder, fewer than
-    ``seq_len`` tokens, is dropped)."""
+    ``seq_len`` tokens, is dropped). ``separate``: rows carry their documents' lengths
+    (``seq_lengths``), so attention and labels stay inside each document (the collator reads them)."""
     ds = _tokenized(ds, tokenizer, text_column)
     total = sum(len(ids) + (eos_id is not None) for b in ds.iter(batch_size=1000) for ids in b["input_ids"])
     if total < seq_len:
         raise ValueError(f"the data holds {total} tokens, fewer than {seq_len}: use more text or a shorter --seq-len")
     row = getattr(datasets, "List", None) or datasets.Sequence  # datasets >= 4 names it List
-    features = datasets.Features({"input_ids": row(datasets.Value("int64"))})
-    packed = datasets.Dataset.from_generator(
-        _packed_rows, gen_kwargs=dict(ds=ds, seq_len=seq_len, eos_id=eos_id), features=features
+    columns = {"input_ids": row(datasets.Value("int64"))}
+    if separate:
+        columns["seq_lengths"] = row(datasets.Value("int64"))
+    return datasets.Dataset.from_generator(
+        _packed_rows, gen_kwargs=dict(ds=ds, seq_len=seq_len, eos_id=eos_id, separate=separate),
+        features=datasets.Features(columns),
     )
-    return packed

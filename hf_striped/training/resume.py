@@ -27,7 +27,7 @@ from .checkpoint import checkpoint_step, complete_checkpoints, latest_checkpoint
 
 # Arguments that fix what a checkpoint's data position (batches seen) means; "dp_size" is the
 # number of data-parallel replicas (processes / CP size), not a command-line argument.
-DATA_ARGS = ("seq_len", "no_pack", "batch_size", "grad_accum", "data", "seed", "model", "dp_size")
+DATA_ARGS = ("seq_len", "no_pack", "concat", "batch_size", "grad_accum", "data", "seed", "model", "dp_size")
 # Arguments of the optimizer and LR schedule: a resume may change them (the restored optimizer and
 # scheduler keep their state, so a new value changes the schedule from the checkpoint on).
 SCHEDULE_ARGS = ("lr", "warmup_steps", "steps", "weight_decay")
