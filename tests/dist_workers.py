@@ -69,12 +69,17 @@ def model_case(rank, world, model_dir, input_ids, layout, dtype=torch.float32, w
         token_loss.sum().backward()
     result = dict(logits=logits.detach(), token_loss=token_loss.detach())
     if want_grads:
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        for g in grads.values():
-            dist.all_reduce(g, group=group)
-        if rank == 0:
-            result["grads"] = grads
+        _add_group_grads(result, model, group, rank)
     return result
+
+
+def _add_group_grads(result: dict, model, group, rank: int) -> None:
+    """Sum every parameter's gradient over the CP group; rank 0 reports them in ``result``."""
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g, group=group)
+    if rank == 0:
+        result["grads"] = grads
 
 
 def missing_positions(rank, world, model_dir, input_ids, layout):
@@ -301,9 +306,5 @@ def packed_model_case(rank, world, model_dir, documents, layout, dtype=torch.flo
     token_loss.sum().backward()
     full = lambda x: hf_striped.unshard(x, dim=1, group=group, layout=layout, cu_seqlens=cu)  # noqa: E731
     result = dict(logits=full(logits.detach()), token_loss=full(token_loss.detach()))
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    for g in grads.values():
-        dist.all_reduce(g, group=group)
-    if rank == 0:
-        result["grads"] = grads
+    _add_group_grads(result, model, group, rank)
     return result

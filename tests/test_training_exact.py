@@ -74,17 +74,6 @@ def assert_same_step(result, ref_loss, ref_grads, label):
     assert set(result["grads"]) == set(ref_grads)
 
 
-@pytest.mark.parametrize(
-    "world, cp_size, layout, accumulation",
-    [
-        (2, 2, "striped", 1),
-        (2, 2, "zigzag", 2),
-        (3, 3, "striped", 1),
-        (3, 3, "contiguous", 2),
-        (4, 2, "striped", 2),  # 2 data-parallel replicas x CP 2, with gradient accumulation
-        (4, 4, "striped", 1),
-    ],
-)
 def _packed_rows(n_rows: int, seed: int) -> list[dict]:
     """Documents of 1 to 40 tokens (single tokens, fewer than P, and long ones), half with a
     masked prompt."""
@@ -121,6 +110,17 @@ def test_packed_step_equals_one_process_per_document(dist_pool, tiny_llama_dir, 
     assert_same_step(results[0], ref_loss, ref_grads, f"packed ({packing}) world {world}, cp {cp_size}, {layout}")
 
 
+@pytest.mark.parametrize(
+    "world, cp_size, layout, accumulation",
+    [
+        (2, 2, "striped", 1),
+        (2, 2, "zigzag", 2),
+        (3, 3, "striped", 1),
+        (3, 3, "contiguous", 2),
+        (4, 2, "striped", 2),  # 2 data-parallel replicas x CP 2, with gradient accumulation
+        (4, 4, "striped", 1),
+    ],
+)
 def test_cp_step_equals_one_process(dist_pool, tiny_llama_dir, world, cp_size, layout, accumulation):
     features = ragged_rows(8, 128, (20, 70), seed=world * 10 + cp_size, labels=True)
     ref_loss, ref_grads = single_process_step(tiny_llama_dir, features)
