@@ -92,3 +92,9 @@ def test_bench_packed_writes_rows(tmp_path):
     assert len(diffs) == 12 and max(diffs) < 1e-5
     padding = [float(r["value"]) for r in rows if r["variant"] == "zigzag_padded" and r["figure"] == "padding_tokens"]
     assert len(padding) == 3 and all(x > 0 for x in padding)
+
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    _run("plot_benchmarks.py", "--results", tmp_path, "--out", plots)
+    assert {"packed_efficiency.png", "summary.md"} <= {p.name for p in plots.iterdir()}
+    assert "| chat | 2 | 128 | " in (plots / "summary.md").read_text()
