@@ -171,12 +171,15 @@ def plot_packed(plt, summ, out, hw):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
         ax.axhline(0.9, color="gray", ls="--", lw=0.8)
+        Ps = sorted({k[2] for k in summ})
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({k[2] for k in summ}))
-        ax.set_xticklabels([str(p) for p in sorted({k[2] for k in summ})])
+        ax.set_xlim(Ps[0] / 1.25, Ps[-1] * 1.25)
+        ax.set_xticks(Ps)
+        ax.set_xticklabels([str(p) for p in Ps])
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{mix}, {c} tokens/rank", fontsize=9)
+        once = any(d.get("repeats") == 1 for k, d in summ.items() if k[1] == mix and k[3] == c)
+        ax.set_title(f"{mix}, {c} tokens/rank" + (" (one repeat)" if once else ""), fontsize=9)
         if i == len(mixes) - 1:
             ax.set_xlabel("P (ranks)")
         if j == 0:
@@ -211,11 +214,11 @@ def packed_section(summ) -> str:
             return ""
         return f"{d[fig]:.2f}" + (" †" if timed and d.get("repeats") == 1 else "")
 
-    def table(title, cols, fig, only_p=None):
+    def table(title, cols, fig, needs=None):
         lines = [title, "", "| mix | P | tokens/rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
         for mix, P, c in shapes:
             cells = [cell(v, mix, P, c, fig) for v in cols]
-            if any(cells) and only_p in (None, P):
+            if any(cells) and (needs is None or any(cell(v, mix, P, c, fig) for v in needs)):
                 lines.append(f"| {mix} | {P} | {c} | " + " | ".join(cells) + " |")
         return lines + [""]
 
@@ -239,7 +242,7 @@ def packed_section(summ) -> str:
     if protos:
         cols = ["striped", *protos] if "striped" in layouts else protos
         out += table("Prototype placements (in bench_packed.py only, NOT hf-striped), fwd+bwd efficiency, next to "
-                     "`striped` of the same run:", cols, "efficiency_fwdbwd")
+                     "`striped` of the same run:", cols, "efficiency_fwdbwd", needs=protos)
     return "\n".join(out)
 
 
