@@ -7,11 +7,15 @@
   layout at one shape: the picture that explains striping at a glance.
 * ``efficiency.png``: schedule efficiency (ideal / critical path) against tokens per rank.
 * ``memory.png``: peak memory per rank against P, and the longest sequence under a cap.
+* ``packed_efficiency.png``: packed documents (``bench_packed.py``), fwd+bwd efficiency (ideal /
+  critical path) per mixture against P, one line per layout, one panel per tokens per rank; its
+  tables are appended to ``summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -129,6 +133,119 @@ def plot_memory(plt, path, out, hw):
     plt.close(fig)
 
 
+PACKED_ORDER = ("striped", "striped_plain", "zigzag_padded", "contiguous")
+PACKED_MIXES = ("chat", "code", "one_long")
+
+
+def _packed_sort(v):
+    return (PACKED_ORDER.index(v) if v in PACKED_ORDER else len(PACKED_ORDER), v)
+
+
+def packed_data(path):
+    """{(variant, mix, P, c): {figure or figure_pass: value}} from the latest run of each, and the
+    hardware of the latest row."""
+    rows = [dict(r, **{"s": parse_shape(r["shape"])}) for r in read_rows(path)]
+    rows = _latest(rows, lambda r: (r["variant"], r["s"]["mix"], r["s"]["P"], r["s"]["c"]))
+    summ = defaultdict(dict)
+    for r in rows:
+        s, f = r["s"], r["figure"]
+        if f == "block_s":
+            continue
+        key = f"{f}_{s['pass_']}" if "pass_" in s else f
+        summ[(r["variant"], s["mix"], s["P"], s["c"])][key] = float(r["value"])
+    return summ, (rows[-1]["hardware"] if rows else "")
+
+
+def plot_packed(plt, summ, out, hw):
+    """fwd+bwd efficiency per mixture (rows) and tokens per rank (columns), P on the x axis, one
+    line per layout (prototypes are left out: see summary.md)."""
+    mixes = [m for m in PACKED_MIXES if any(k[1] == m for k in summ)]
+    cs = sorted({k[3] for k in summ})
+    fig, axes = plt.subplots(len(mixes), len(cs), figsize=(3.8 * len(cs), 2.9 * len(mixes)), squeeze=False,
+                             sharey=True)
+    for (i, mix), (j, c) in itertools.product(enumerate(mixes), enumerate(cs)):
+        ax = axes[i][j]
+        for v in sorted({k[0] for k in summ if k[0] in PACKED_ORDER}, key=_packed_sort):
+            pts = sorted((k[2], d["efficiency_fwdbwd"]) for k, d in summ.items()
+                         if k[0] == v and k[1] == mix and k[3] == c and "efficiency_fwdbwd" in d)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+        ax.axhline(0.9, color="gray", ls="--", lw=0.8)
+        Ps = sorted({k[2] for k in summ})
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(Ps[0] / 1.25, Ps[-1] * 1.25)
+        ax.set_xticks(Ps)
+        ax.set_xticklabels([str(p) for p in Ps])
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        once = any(d.get("repeats") == 1 for k, d in summ.items() if k[1] == mix and k[3] == c)
+        ax.set_title(f"{mix}, {c} tokens/rank" + (" (one repeat)" if once else ""), fontsize=9)
+        if i == len(mixes) - 1:
+            ax.set_xlabel("P (ranks)")
+        if j == 0:
+            ax.set_ylabel("fwd+bwd efficiency\n(ideal / critical path)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"packed documents: ideal = every document alone on one process / P | dashed: 0.9 target\n{hw}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def packed_section(summ) -> str:
+    """The packed-documents tables for summary.md: fwd+bwd and fwd efficiency per layout, and the
+    prototype placements (not hf-striped) where measured."""
+    layouts = sorted({k[0] for k in summ if k[0] in PACKED_ORDER}, key=_packed_sort)
+    protos = sorted({k[0] for k in summ if k[0] not in PACKED_ORDER})
+    shapes = sorted({k[1:] for k in summ}, key=lambda s: (s[2], s[1], PACKED_MIXES.index(s[0])
+                                                           if s[0] in PACKED_MIXES else 9))
+    out = ["## Packed documents (scripts/bench_packed.py)", "",
+           "Efficiency = ideal / critical path, ideal = the sum of every document's causal attention alone on one "
+           "process (one call) / P, on the same kernel in the same run (padding and per-call costs are waste). "
+           "`striped` is hf-striped's document placement; `zigzag_padded` pads every document to a multiple of 2P "
+           "as ring-flash-attention's zigzag varlen / TransformerEngine THD do; here every layout makes one kernel "
+           "call per document piece (the CPU op has no varlen form). `score eff` is the efficiency if time were "
+           "proportional to visible scores (balance only). Larger tokens per rank work with `--tokens` but are slow "
+           "on a 2-core CPU.", ""]
+
+    def cell(v, mix, P, c, fig, timed=True):
+        d = summ.get((v, mix, P, c), {})
+        if fig not in d:
+            return ""
+        return f"{d[fig]:.2f}" + (" †" if timed and d.get("repeats") == 1 else "")
+
+    def table(title, cols, fig, needs=None):
+        lines = [title, "", "| mix | P | tokens/rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+        for mix, P, c in shapes:
+            cells = [cell(v, mix, P, c, fig) for v in cols]
+            if any(cells) and (needs is None or any(cell(v, mix, P, c, fig) for v in needs)):
+                lines.append(f"| {mix} | {P} | {c} | " + " | ".join(cells) + " |")
+        return lines + [""]
+
+    out += table("fwd+bwd efficiency († one repeat; others: median of the run's repeats):", layouts,
+                 "efficiency_fwdbwd")
+    big = max(k[2] for k in summ)
+    lines = [f"P = {big}: fwd / fwd+bwd efficiency, score eff, kernel calls on the fwd+bwd critical path, ring "
+             "KiB per step (K and V), padding tokens:", "",
+             "| mix | tokens/rank | layout | fwd | fwd+bwd | score eff | calls | ring KiB/step | padding |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mix, P, c in shapes:
+        for v in layouts:
+            d = summ.get((v, mix, P, c))
+            if P != big or not d or "efficiency_fwdbwd" not in d:
+                continue
+            ring = f"{d['ring_bytes_per_step'] / 1024:.0f}" if d.get("ring_steps", P) > 1 else "none"
+            lines.append(f"| {mix} | {c} | {v} | {cell(v, mix, P, c, 'efficiency_fwd')} | "
+                         f"{cell(v, mix, P, c, 'efficiency_fwdbwd')} | {cell(v, mix, P, c, 'score_efficiency', False)} | "
+                         f"{d.get('kernel_calls_fwdbwd', float('nan')):.0f} | {ring} | {d.get('padding_tokens', 0):.0f} |")
+    out += lines + [""]
+    if protos:
+        cols = ["striped", *protos] if "striped" in layouts else protos
+        out += table("Prototype placements (in bench_packed.py only, NOT hf-striped), fwd+bwd efficiency, next to "
+                     "`striped` of the same run:", cols, "efficiency_fwdbwd", needs=protos)
+    return "\n".join(out)
+
+
 def summary_table(summ) -> str:
     lines = ["| P | tokens/rank | layout | efficiency fwd | efficiency fwd+bwd | × contiguous fwd | "
              "× contiguous fwd+bwd | ideal × contiguous (2 − 1/P) |", "|---|---|---|---|---|---|---|---|"]
@@ -173,14 +290,22 @@ def main(argv=None):
 
     res, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, summary = [], []
     if (res / "schedule.csv").exists():
         summ, cells, unit, hw = schedule_data(res / "schedule.csv")
         if plot_heatmap(plt, cells, unit, *args.heatmap, out / "schedule_heatmap.png", hw):
             written.append("schedule_heatmap.png")
         plot_efficiency(plt, summ, out / "efficiency.png", hw)
-        (out / "summary.md").write_text(summary_table(summ) + "\n" + block_cost_table(cells, unit))
-        written += ["efficiency.png", "summary.md"]
+        summary.append(summary_table(summ) + "\n" + block_cost_table(cells, unit))
+        written.append("efficiency.png")
+    if (res / "packed.csv").exists():
+        psumm, hw = packed_data(res / "packed.csv")
+        plot_packed(plt, psumm, out / "packed_efficiency.png", hw)
+        summary.append(packed_section(psumm))
+        written.append("packed_efficiency.png")
+    if summary:
+        (out / "summary.md").write_text("\n".join(summary))
+        written.append("summary.md")
     if (res / "memory.csv").exists():
         hw = read_rows(res / "memory.csv")[-1]["hardware"]
         plot_memory(plt, res / "memory.csv", out / "memory.png", hw)

@@ -67,3 +67,34 @@ def test_bench_memory_writes_rows(tmp_path):
     peaks = {r["shape"].split(";")[0]: float(r["value"]) for r in rows if r["figure"] == "peak_bytes"}
     assert set(peaks) == {"P=1", "P=2"} and peaks["P=2"] < peaks["P=1"]
     assert {r["figure"] for r in rows} >= {"max_tokens_under_cap", "peak_x_P_over_P1", "peak_bytes_trial"}
+
+
+def test_bench_packed_writes_rows(tmp_path):
+    out = tmp_path / "packed.csv"
+    _run("bench_packed.py", "--quick", "--out", out)
+    rows = _rows(out)
+    variants = ("striped", "striped_plain", "zigzag_padded", "contiguous")
+    mixes = ("chat", "code", "one_long")
+    eff = {}
+    for r in rows:
+        if r["figure"] == "efficiency":
+            shape = dict(kv.split("=", 1) for kv in r["shape"].split(";"))
+            eff[(r["variant"], shape["mix"], shape["pass_"])] = float(r["value"])
+    assert set(eff) == {(v, m, p) for v in variants for m in mixes for p in ("fwd", "fwdbwd")}
+    assert all(0 < e <= 1.5 for e in eff.values()), eff
+    figures = {(r["variant"], r["figure"]) for r in rows}
+    for v in variants:
+        assert {(v, f) for f in ("critical_path_s", "ideal_s", "ring_bytes_per_step", "kernel_calls", "padding_tokens",
+                                 "token_imbalance", "block_s")} <= figures
+    assert [float(r["value"]) for r in rows if r["variant"] == "striped" and r["figure"] == "token_imbalance"] == [0] * 3
+    # every layout's ring computes each document's own attention (zigzag_padded: its real tokens)
+    diffs = [float(r["value"]) for r in rows if r["figure"] == "max_abs_diff_vs_documents"]
+    assert len(diffs) == 12 and max(diffs) < 1e-5
+    padding = [float(r["value"]) for r in rows if r["variant"] == "zigzag_padded" and r["figure"] == "padding_tokens"]
+    assert len(padding) == 3 and all(x > 0 for x in padding)
+
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    _run("plot_benchmarks.py", "--results", tmp_path, "--out", plots)
+    assert {"packed_efficiency.png", "summary.md"} <= {p.name for p in plots.iterdir()}
+    assert "| chat | 2 | 128 | " in (plots / "summary.md").read_text()
