@@ -98,7 +98,7 @@ def test_blocks_without_causality_stay_inside_documents():
     _check_placement("zigzag", 2, [3, 3, 6], causal=False)
 
 
-def test_striped_places_short_documents_whole_and_long_ones_striped():
+def test_striped_places_short_documents_whole_and_splits_long_ones():
     P, c = 4, 64
     lengths = [200, 10, 9, 8, 7, 6, 5, 4, 3, 2] + [1] * 2  # one document longer than a rank's share
     bounds = _bounds(lengths)
@@ -106,13 +106,25 @@ def test_striped_places_short_documents_whole_and_long_ones_striped():
     by_doc: dict[int, list] = {}
     for r in range(P):
         for run in pl.runs[r]:
-            by_doc.setdefault(run.doc, []).append((r, run.stride))
-    assert sorted(r for r, _ in by_doc[0]) == list(range(P)) and {t for _, t in by_doc[0]} == {P}
+            by_doc.setdefault(run.doc, []).append((r, run))
+    # the long one: 2P contiguous chunks of 25 tokens, head and tail on every rank, stored first
+    assert sorted(r for r, _ in by_doc[0]) == sorted(list(range(P)) * 2)
+    assert all(run.stride == 1 and run.length == 25 and run.local < 50 for _, run in by_doc[0])
+    for r in range(P):
+        head, tail = sorted(run.first for rr, run in by_doc[0] if rr == r)
+        assert (head, tail) == (25 * r, 25 * (2 * P - 1 - r))
     whole = [d for d in range(1, len(lengths)) if len(by_doc[d]) == 1]
     assert len(whole) >= len(lengths) - 3, by_doc  # at most a couple split to fill ranks exactly
     assert pl.travel < c  # whole documents never travel
-    plain = placement("contiguous", P, P * c, bounds)
-    assert plain.travel == c
+    assert placement("contiguous", P, P * c, bounds).travel == c
+
+
+def test_split_documents_keep_every_rank_within_one_token():
+    P = 3
+    lengths = [301, 299, 97, 5]  # uneven 2P cuts
+    pl = placement("striped", P, sum(lengths) + (-sum(lengths)) % P, _bounds(lengths + [(-sum(lengths)) % P] if sum(lengths) % P else lengths))
+    split = [sum(run.length for run in pl.runs[r] if run.doc in (0, 1)) for r in range(P)]
+    assert max(split) - min(split) <= 1, split
 
 
 def test_a_row_of_short_documents_needs_no_ring_messages():

@@ -25,12 +25,16 @@ An empty part is skipped, and a window (``window`` tokens, Transformers' convent
 upper edge ``hi = floor((window - 1 - (a - b)) / t)``, handled as for sliding windows.
 
 **Placements.** The plain layouts keep their token positions and split their runs at document
-boundaries. The ``striped`` layout with documents places them by length
-(:func:`document_placement`): documents longer than a rank's share, or whose causal work
-exceeds a rank's fair share, are striped over all ranks; the others are placed whole on one rank,
-balanced by their work (largest first onto the least loaded rank), and those that fit nowhere
-fill the remaining space contiguously (split between neighbouring ranks). Each rank keeps its
-striped and split tokens first, so only the local prefix ``[0, travel)`` is ever seen by another
+boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): a
+cost model (:func:`_choose_split`: each call's fixed cost plus its scores, causal calls rounded to
+the CPU op's key tiles) picks the documents to split over all ranks (every document longer than a
+rank's share, plus the largest others while that shortens the modelled critical path); each is cut
+into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (head and tail: every rank the
+same share of its causal work, and, unlike striping it, a diagonal only once, which matters on
+kernels that skip masked keys in whole tiles). The other documents are placed whole on one rank,
+largest work first onto the least loaded rank, then rebalanced by moves and swaps; those that fit
+nowhere whole fill the remaining room contiguously (split between neighbouring ranks). Each rank
+keeps its split tokens first, so only the local prefix ``[0, travel)`` is ever seen by another
 rank: ring messages carry only it, and whole documents need no ring step at all. Every rank holds
 exactly N / P tokens; no document is padded.
 """
@@ -144,26 +148,83 @@ def _work(length: int) -> int:
     return length * (length + 1) // 2
 
 
+CALL_SCORES = 6000
+"""What one kernel call costs beyond its scores, in scores (PyTorch's CPU flash op with the
+ring's merge, measured by ``scripts/bench_packed.py``); the placement's cost model uses it."""
+CAUSAL_TILE = 512
+"""Keys per tile the CPU op's causal mode skips whole: a causal call of L tokens costs about
+``L * (L + CAUSAL_TILE) / 2`` scores."""
+
+
+def _whole_cost(length: int) -> float:
+    """Modelled cost of a document attended to whole, in one causal call."""
+    return CALL_SCORES + length * (length + min(length, CAUSAL_TILE)) / 2
+
+
+def _split_cost(length: int, world_size: int) -> float:
+    """Modelled cost, per rank and ring step, of a document split in 2P chunks (head-tail):
+    every step is about half of a (L / P)^2 block, in two calls."""
+    share = length / world_size
+    return 2 * CALL_SCORES + share * share / 2
+
+
+def _choose_split(lengths: list[int], P: int, c: int) -> set[int]:
+    """The documents to split over all ranks: those longer than a rank's share, plus the ``k``
+    largest others for the ``k`` whose modelled critical path is shortest (the slowest rank's
+    whole documents at step 0, plus P steps of every split document's per-step part)."""
+    order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
+    forced = [d for d in order if lengths[d] > c]
+    rest = [d for d in order if lengths[d] <= c]
+    best, best_k = None, 0
+    for k in range(0, len(rest) + 1):
+        split = forced + rest[:k]
+        per_step = sum(_split_cost(lengths[d], P) for d in split)
+        load = [0.0] * P
+        for d in rest[k:]:  # largest first onto the least loaded rank (capacity is the packer's job)
+            i = min(range(P), key=load.__getitem__)
+            load[i] += _whole_cost(lengths[d])
+        cost = max(load) + P * per_step
+        if best is None or cost < best:
+            best, best_k = cost, k
+    return set(forced + rest[:best_k])
+
+
+def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> None:
+    """Document ``d`` cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (each
+    rank the same share of its causal work); the tokens left over by an uneven cut go to the
+    ranks holding the fewest tokens so far, so every rank's count stays within one of the others."""
+    P = len(runs)
+    base, extra = divmod(length, 2 * P)
+    sizes = {r: 2 * base for r in range(P)}
+    for _ in range(2):  # at most two extra tokens per rank, one per chunk
+        for r in sorted(range(P), key=lambda r: (used[r] + sizes[r], r))[:extra]:
+            sizes[r] += 1
+            extra -= 1
+    chunk = [0] * (2 * P)
+    for r in range(P):
+        chunk[r], chunk[2 * P - 1 - r] = -(-sizes[r] // 2), sizes[r] // 2
+    start = first
+    for i, size in enumerate(chunk):
+        r = i if i < P else 2 * P - 1 - i
+        if size:
+            runs[r].append(Run(used[r], size, start, 1, d))
+            used[r] += size
+        start += size
+
+
 def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Placement:
-    """The ``striped`` layout's placement of packed documents (module docstring): long ones
-    striped over all ranks, short ones whole on one rank balanced by work, the rest contiguous."""
+    """The ``striped`` layout's placement of packed documents (module docstring): the documents
+    a cost model picks are split over all ranks in 2P balanced chunks, the others go whole onto one
+    rank balanced by work, and what fits nowhere whole fills the remaining room."""
     P, c = world_size, n // world_size
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    fair = sum(_work(L) for L in lengths) / P
-    striped = [d for d, L in enumerate(lengths) if L > c or _work(L) > fair]
+    split = _choose_split(lengths, P, c)
     runs: list[list[Run]] = [[] for _ in range(P)]
     used = [0] * P
-    u = 0  # position in the striped pool (the striped documents one after another)
-    for d in striped:
-        for r in range(P):
-            off = (r - u) % P  # the document's first token on rank r
-            count = -(-(lengths[d] - off) // P) if off < lengths[d] else 0
-            if count:
-                runs[r].append(Run(used[r], count, bounds[d] + off, P, d))
-                used[r] += count
-        u += lengths[d]
+    for d in sorted(split):
+        _split_document(d, lengths[d], bounds[d], runs, used)
     free = [c - x for x in used]
-    whole, spill = _pack_whole(lengths, set(striped), free, P)
+    whole, spill = _pack_whole(lengths, split, free, P)
     _fill_spill(spill, lengths, bounds, runs, used, free)
     travel = max(used)
     for r in range(P):
@@ -186,9 +247,47 @@ def _pack_whole(lengths: list[int], striped: set[int], free: list[int], P: int):
             continue
         r = min(fits, key=lambda r: (load[r], -free[r], r))
         whole[r].append(d)
-        load[r] += _work(lengths[d])
+        load[r] += _whole_cost(lengths[d])
         free[r] -= lengths[d]
+    _rebalance(whole, load, free, lengths)
     return whole, sorted(spill)
+
+
+def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int]) -> None:
+    """Lower the most loaded rank's whole-document work by moving one of its documents to another
+    rank, or swapping it for a smaller one there, while the room allows and it helps (room that
+    frees up is filled by the split documents afterwards, so token counts stay exact)."""
+    for _ in range(4 * sum(len(w) for w in whole)):
+        top = max(range(len(load)), key=load.__getitem__)
+        best = None  # (new max of the two ranks, document, other rank, document swapped back or None)
+        for d in whole[top]:
+            wd = _whole_cost(lengths[d])
+            for r in range(len(load)):
+                if r == top:
+                    continue
+                for e in [None, *whole[r]]:
+                    we, le = (0.0, 0) if e is None else (_whole_cost(lengths[e]), lengths[e])
+                    if free[r] + le < lengths[d] or free[top] + lengths[d] < le:
+                        continue
+                    after = max(load[top] - wd + we, load[r] + wd - we)
+                    if after < load[top] - 1e-9 and (best is None or after < best[0]):
+                        best = (after, d, r, e)
+        if best is None:
+            return
+        _, d, r, e = best
+        _move(whole, load, free, lengths, d, top, r)
+        if e is not None:
+            _move(whole, load, free, lengths, e, r, top)
+
+
+def _move(whole, load, free, lengths, d: int, src: int, dst: int) -> None:
+    whole[src].remove(d)
+    whole[dst].append(d)
+    w = _whole_cost(lengths[d])
+    load[src] -= w
+    load[dst] += w
+    free[src] += lengths[d]
+    free[dst] -= lengths[d]
 
 
 def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int]) -> None:
