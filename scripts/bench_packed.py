@@ -45,12 +45,10 @@ documents' own attention (``max_abs_diff_vs_documents``) and its outputs feed th
     python scripts/bench_packed.py --P 8 --tokens 16384 --mixes one_long --repeats 1
     python scripts/bench_packed.py --quick --out /tmp/packed.csv   # smoke test, seconds
 
-Tokens per rank of 4k-64k are what the issue asks; larger c than the default works with
-``--tokens`` but is slow on a 2-core CPU (a 32k-token causal document is ~25 s fwd+bwd on one
-core, and every variant and the ideal compute every document once per repeat).
-
-Prototype placements (``proto_*`` variants, not part of hf-striped; for measuring ideas for
-``document_placement``) are listed under ``--variants``' help.
+Any tokens per rank work (4k-64k is the range that matters for long-context training); larger c
+than the default works with ``--tokens`` but is slow on a 2-core CPU (a 32k-token causal document
+is ~25 s fwd+bwd on one core, and every variant and the ideal compute every document once per
+repeat).
 
 Rows go to ``benchmarks/results/packed.csv`` (``scripts/plot_benchmarks.py`` draws them).
 """
@@ -146,131 +144,6 @@ def _work(L: int) -> int:
     return L * (L + 1) // 2
 
 
-# PROTOTYPES (not hf-striped): alternative document placements, to measure ideas for
-# ``hf_striped.core.documents.document_placement``. They reuse its whole-document packing and
-# spill filling, and differ in which documents are distributed over all ranks and how.
-
-
-def _striped_runs(P, L, first, u, doc, used):
-    """Document ``doc`` striped over all ranks, the pool offset ``u`` (as ``document_placement``)."""
-    out = []
-    for r in range(P):
-        off = (r - u) % P
-        count = -(-(L - off) // P) if off < L else 0
-        if count:
-            out.append((r, Run(used[r], count, first + off, P, doc)))
-            used[r] += count
-    return out
-
-
-def _zigzag_runs(P, L, first, u, doc, used):
-    """Document ``doc`` cut into 2P contiguous chunks, rank r holding chunks r and 2P-1-r (no
-    padding: chunk sizes differ by one, each rank holds as many of its tokens as when striped)."""
-    counts = [L // P + (1 if (r - u) % P < L % P else 0) for r in range(P)]
-    sizes = [(r, counts[r] - counts[r] // 2) for r in range(P)] + [(r, counts[r] // 2) for r in reversed(range(P))]
-    out, pos = [], first
-    for r, n in sizes:
-        if n:
-            out.append((r, Run(used[r], n, pos, 1, doc)))
-            used[r] += n
-            pos += n
-    return out
-
-
-def _assemble(P, c, lengths, bounds, spread, split) -> Placement:
-    """``document_placement``'s construction with the documents ``spread`` distributed over all
-    ranks by ``split`` (``_striped_runs`` or ``_zigzag_runs``), in order."""
-    from hf_striped.core.documents import _fill_spill, _pack_whole
-
-    runs: list[list[Run]] = [[] for _ in range(P)]
-    used = [0] * P
-    u = 0
-    for d in spread:
-        for r, run in split(P, lengths[d], bounds[d], u, d, used):
-            runs[r].append(run)
-        u += lengths[d]
-    free = [c - x for x in used]
-    whole, spill = _pack_whole(lengths, set(spread), free, P)
-    _fill_spill(spill, lengths, bounds, runs, used, free)
-    travel = max(used)
-    for r in range(P):
-        for d in whole[r]:
-            runs[r].append(Run(used[r], lengths[d], bounds[d], 1, d))
-            used[r] += lengths[d]
-    return Placement(P, c, tuple(tuple(x) for x in runs), travel)
-
-
-def _library_spread(P, c, lengths):
-    """``document_placement``'s choice: longer than c, or more work than a rank's fair share."""
-    fair = sum(_work(L) for L in lengths) / P
-    return [d for d, L in enumerate(lengths) if L > c or _work(L) > fair]
-
-
-# A cost model of one (rank, source) block on the torch_cpu kernel, fitted to this benchmark's
-# first CPU runs (rms error 0.02 in efficiency over the four layouts): every call costs a fixed
-# MODEL_CALL scores (the merge and the op's set-up, about 0.14 ms fwd+bwd), and a causal call of
-# m queries computes, for rows in its j-th 512-key tile, the keys up to that tile's end (the op
-# skips whole 512-key tiles only).
-MODEL_CALL, MODEL_TILE = 6000, 512
-
-
-def _causal_cost(m: int) -> int:
-    return sum((min(m, (j + 1) * MODEL_TILE) - j * MODEL_TILE) * min(m, (j + 1) * MODEL_TILE)
-               for j in range(-(-m // MODEL_TILE)))
-
-
-def model_cost(blks: list[Block]) -> int:
-    return sum(MODEL_CALL + (_causal_cost(b.q.stop - b.q.start) if b.causal
-                             else (b.q.stop - b.q.start) * (b.k.stop - b.k.start)) for b in blks)
-
-
-def model_path(pl: Placement) -> int:
-    """The modelled critical path: sum over steps of the max over ranks of :func:`model_cost`."""
-    P = pl.world_size
-    return sum(max(model_cost(placement_blocks(pl, r, (r - s) % P, True)) for r in range(P)) for s in range(P))
-
-
-def _modelled_spread(split):
-    """Distribute the documents longer than c, then also the k largest others, for the k whose
-    placement has the smallest :func:`model_path` (k = 0 .. 3P, stopping early once the next
-    candidate is short): the documents to distribute chosen by measured cost."""
-
-    def rule(P, c, lengths, bounds):
-        forced = [d for d, L in enumerate(lengths) if L > c]
-        rest = sorted((d for d in range(len(lengths)) if d not in forced), key=lambda d: (-lengths[d], d))
-        best = None
-        for k in range(min(len(rest), 3 * P) + 1):
-            spread = sorted(forced + rest[:k])
-            cost = model_path(_assemble(P, c, lengths, bounds, spread, split))
-            if best is None or cost < best[0]:
-                best = (cost, spread)
-            if k < len(rest) and lengths[rest[k]] < 2 * P:
-                break
-        return best[1]
-
-    return rule
-
-
-def _proto(spread_rule, split):
-    def make(P, n, bounds):
-        c = n // P
-        lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-        return _assemble(P, c, lengths, bounds, spread_rule(P, c, lengths, bounds), split)
-
-    return make
-
-
-PROTOTYPES: dict[str, Callable[[int, int, tuple[int, ...]], Placement]] = {
-    # the library's rule rebuilt with this construction: the same placement as `striped` (a check)
-    "proto_library": _proto(lambda P, c, ls, b: _library_spread(P, c, ls), _striped_runs),
-    # the library's choice of documents, each split zigzag (2P contiguous chunks) instead of striped
-    "proto_zigzag_docs": _proto(lambda P, c, ls, b: _library_spread(P, c, ls), _zigzag_runs),
-    # the documents to distribute chosen by the modelled critical path, striped or split zigzag
-    "proto_model_striped": _proto(_modelled_spread(_striped_runs), _striped_runs),
-    "proto_model_zigzag": _proto(_modelled_spread(_zigzag_runs), _zigzag_runs),
-}
-
-
 def build(variant: str, P: int, n: int, bounds: tuple[int, ...]) -> tuple[Placement, tuple[int, ...]]:
     """The variant's placement of the row and the (padded) row's document bounds."""
     if variant == "striped":
@@ -281,9 +154,7 @@ def build(variant: str, P: int, n: int, bounds: tuple[int, ...]) -> tuple[Placem
         return plain_placement("contiguous", P, n, bounds), bounds
     if variant == "zigzag_padded":
         return zigzag_padded_placement(P, bounds)
-    if variant in PROTOTYPES:
-        return PROTOTYPES[variant](P, n, bounds), bounds
-    raise SystemExit(f"unknown variant {variant!r}; variants are {', '.join(DEFAULT_VARIANTS + tuple(PROTOTYPES))}")
+    raise SystemExit(f"unknown variant {variant!r}; variants are {', '.join(DEFAULT_VARIANTS)}")
 
 
 def visible_scores(blks: list[Block]) -> int:
@@ -541,11 +412,10 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--P", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192],
-                    help="tokens per rank c (the issue asks 4k-64k; more than 8192 works but is slow on a 2-core CPU)")
+                    help="tokens per rank c (4k-64k is the range that matters; more than 8192 works but is slow on a 2-core CPU)")
     ap.add_argument("--mixes", nargs="+", default=list(MIXES), choices=MIXES)
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                    help=f"layouts: {', '.join(DEFAULT_VARIANTS)}; prototypes (not hf-striped): "
-                         f"{', '.join(PROTOTYPES) or 'none'}")
+                    help=f"layouts: {', '.join(DEFAULT_VARIANTS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mix-scale", type=float, default=1.0, help="scale every document length parameter")
     ap.add_argument("--batch", type=int, default=1)
@@ -571,8 +441,8 @@ def main(argv=None):
     if args.quick:
         args.P, args.tokens, args.repeats, args.mix_scale = [2], [128], 1, 1 / 32
     for v in args.variants:
-        if v not in DEFAULT_VARIANTS and v not in PROTOTYPES:
-            ap.error(f"unknown variant {v!r}; variants are {', '.join(DEFAULT_VARIANTS + tuple(PROTOTYPES))}")
+        if v not in DEFAULT_VARIANTS:
+            ap.error(f"unknown variant {v!r}; variants are {', '.join(DEFAULT_VARIANTS)}")
     args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
