@@ -44,6 +44,33 @@ def versions() -> str:
     return out
 
 
+def add_block_args(ap) -> None:
+    """The block benchmarks' shape, kernel and timing options (bench_schedule, bench_packed), and
+    ``--clock``; :func:`finish_block_args` resolves the clock and sets the CPU threads."""
+    from hf_striped.kernels import BACKENDS
+
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared machine oversubscribed OpenMP threads "
+                         "spin and distort timings far more than plain time sharing)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="cpu: this process's CPU time (default on the CPU: a machine shared with other work "
+                         "then slows no block); wall: elapsed time (default on CUDA, with synchronisation)")
+
+
+def finish_block_args(args) -> None:
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+
+
 def add_llama_args(ap, *, hidden, intermediate, layers, heads, kv_heads, vocab) -> None:
     """The random Llama's shape options, shared by the end-to-end and memory benchmarks."""
     ap.add_argument("--hidden", type=int, default=hidden)

@@ -65,11 +65,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench_common import RESULTS, Recorder, median, shape_str, timed
+from bench_common import RESULTS, Recorder, add_block_args, finish_block_args, median, shape_str, timed
 from hf_striped.core.documents import Placement, Run, placement, placement_blocks, plain_placement
 from hf_striped.core.layout import Block
 from hf_striped.core.schedule import _acc_dtype, backward_step, forward_step
-from hf_striped.kernels import BACKENDS, select_kernel
+from hf_striped.kernels import select_kernel
 
 MIXES = ("chat", "code", "one_long")
 DEFAULT_VARIANTS = ("striped", "striped_plain", "zigzag_padded", "contiguous")
@@ -418,19 +418,7 @@ def main(argv=None):
                     help=f"layouts: {', '.join(DEFAULT_VARIANTS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mix-scale", type=float, default=1.0, help="scale every document length parameter")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--backend", default="auto", choices=BACKENDS)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a shared machine oversubscribed OpenMP threads "
-                         "spin and distort timings far more than plain time sharing)")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                    help="cpu: this process's CPU time (default on the CPU); wall: elapsed time (default on CUDA)")
+    add_block_args(ap)
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the whole-ring forward check against the documents' own attention (backward "
                          "then takes each rank's diagonal block as a stand-in output)")
@@ -443,9 +431,7 @@ def main(argv=None):
     for v in args.variants:
         if v not in DEFAULT_VARIANTS:
             ap.error(f"unknown variant {v!r}; variants are {', '.join(DEFAULT_VARIANTS)}")
-    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    finish_block_args(args)
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     rec = Recorder("packed", args.out, args.device)
     print(f"# {rec.hardware} | {rec.versions}")

@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench_common import RESULTS, Recorder, median, shape_str, timed
-from hf_striped.kernels import BACKENDS, select_kernel
+from bench_common import RESULTS, Recorder, add_block_args, finish_block_args, median, shape_str, timed
+from hf_striped.kernels import select_kernel
 from hf_striped.core.layout import LAYOUTS, blocks
 from hf_striped.core.schedule import (RingPlan, _acc_dtype, backward_schedule, backward_step, forward_schedule, forward_step,
                                       kernel_split)
@@ -261,33 +261,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--P", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048], help="tokens per rank (c)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    add_block_args(ap)
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help="layout or layout@split (split 0 = one causal call per block)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a shared machine oversubscribed OpenMP threads "
-                         "spin and distort timings far more than plain time sharing)")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the whole-ring run through the in-process transport (slow at large shapes)")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                    help="cpu: this process's CPU time (default on the CPU: a machine shared with other work "
-                         "then slows no block); wall: elapsed time (default on CUDA, with synchronisation)")
     ap.add_argument("--distinct", action="store_true",
                     help="time only one cell per distinct block list in each step (identical work) and "
                          "reuse it for the others: for large shapes; the heatmap then repeats values")
     ap.add_argument("--out", default=str(RESULTS / "schedule.csv"))
     args = ap.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
-    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    finish_block_args(args)
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     rec = Recorder("schedule", args.out, args.device)
     print(f"# {rec.hardware} | {rec.versions}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (a few minutes): the CUDA-marked tests (PyTorch's CUDA flash /
-# memory-efficient / cuDNN kernels, and flash-attn if installed, alone and through the ring;
+# memory-efficient / cuDNN kernels, and flash-attn if installed, alone and through the ring, with
+# packed documents too;
 # bf16, head_dim 64 and 128), then the schedule benchmark on the CUDA kernels. Writes the
 # hardware description, the test log and the benchmark rows under $OUT.
 # Expects torch, transformers and accelerate already installed on the GPU machine.
@@ -17,7 +18,7 @@ python -m pip install -q pytest hypothesis >/dev/null 2>&1 || true
   python -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn not installed"
 } > "$OUT/hardware.txt" 2>&1
 cat "$OUT/hardware.txt"
-(cd tests && timeout 540 pytest -m cuda -q -rA -s test_kernels.py test_ring_exactness.py 2>&1) | tee "$OUT/pytest_cuda.txt"
+(cd tests && timeout 540 pytest -m cuda -q -rA -s test_kernels.py test_ring_exactness.py test_documents.py 2>&1) | tee "$OUT/pytest_cuda.txt"
 tests_rc=${PIPESTATUS[0]}
 # Schedule benchmark with the CUDA kernels: bf16, head_dim 128, 32 heads / 8 KV heads,
 # P = 8 virtual ranks, 4k / 16k / 64k tokens per rank, forward and forward + backward. Rows (with

@@ -169,15 +169,16 @@ def _doc_expected(case, bounds, window=None):
     return cat(ref), cat(base)
 
 
-def _ring_documents(case, P, layout, bounds, **kwargs) -> dict:
-    q, k, v, dout = case.inputs()
+def _ring_documents(case, P, layout, bounds, device="cpu", **kwargs) -> dict:
+    q, k, v, dout = (t.to(device) for t in case.inputs())
     cu = torch.tensor(bounds, dtype=torch.int32)
     shards = [[_shard(t, layout, r, P, bounds).clone().requires_grad_() for r in range(P)] for t in (q, k, v)]
     outs, lses = ring_attention_inprocess(*shards, layout=layout, cu_seqlens=cu, **kwargs)
     torch.autograd.backward(outs, [_shard(dout, layout, r, P, bounds) for r in range(P)])
     lse = _unshard([x.transpose(1, 2) for x in lses], layout, bounds).transpose(1, 2)
-    return dict(out=_unshard([o.detach() for o in outs], layout, bounds), lse=lse,
-                **{n: _unshard([t.grad for t in ts], layout, bounds) for n, ts in zip(("dq", "dk", "dv"), shards)})
+    out = dict(out=_unshard([o.detach() for o in outs], layout, bounds), lse=lse,
+               **{n: _unshard([t.grad for t in ts], layout, bounds) for n, ts in zip(("dq", "dk", "dv"), shards)})
+    return {n: t.cpu() for n, t in out.items()}
 
 
 MIXES = {
@@ -245,3 +246,29 @@ def test_ring_with_documents_over_gloo(dist_pool, P, layout):
             assert torch.equal(res[name], per_rank[0][name]), (r, name)
     ref, base = _doc_expected(case, bounds)
     assert_exact(f"gloo P={P} {layout} documents", per_rank[0], ref, base)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "torch_flash", "torch_efficient", "torch_cudnn", "flash_attn"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_kernels_with_documents(backend, layout):
+    """Packed documents through the CUDA kernels (one call per document part), bf16, P = 4,
+    GQA 32/8 heads, head_dim 128. A named backend that cannot run these inputs is skipped."""
+    from hf_striped.kernels import select_kernel
+
+    P = 4
+    lengths = [1, 3, 100, 17, 257, 60, 50]
+    unit = split_multiple(layout, P)
+    lengths.append(unit - sum(lengths) % unit if sum(lengths) % unit else unit)
+    bounds = _bounds(lengths)
+    case = Case(batch=1, seq=sum(lengths), heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    if backend != "auto":
+        q, k, v, _ = (t.cuda() for t in case.inputs())
+        try:
+            select_kernel(backend, q, k, v)
+        except (TypeError, ValueError) as exc:
+            pytest.skip(f"{backend} cannot run here: {exc}")
+    ours = _ring_documents(case, P, layout, bounds, device="cuda", backend=backend)
+    ref, base = _doc_expected(case, bounds)
+    assert_exact(f"cuda {backend} {layout} documents", ours, ref, base)
