@@ -72,6 +72,14 @@ class Placement:
     runs: tuple[tuple[Run, ...], ...]
     travel: int
 
+    def __hash__(self) -> int:
+        # computed once: placements key the block caches looked up at every ring step of every layer
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.world_size, self.c, self.runs, self.travel))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def indices(self, rank: int, device=None) -> torch.Tensor:
         """Global positions of ``rank``'s local tokens, in local order (LongTensor ``[c]``)."""
         parts = [torch.arange(r.length, device=device) * r.stride + r.first for r in self.runs[rank]]
