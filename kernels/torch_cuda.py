@@ -37,7 +37,7 @@ class _TorchCUDAKernel:
         # (cumulative lengths, RNG state) that their backward takes back. Remember them per
         # query length; with dropout 0 they are the same for every call of one shape.
         self._lse_shape: dict[int, tuple[int, ...]] = {}
-        self._extras: dict[int, tuple] = {}
+        self._extras: dict[tuple, tuple] = {}
 
     def for_call(self) -> _TorchCUDAKernel:
         return type(self)()
@@ -73,13 +73,13 @@ class _TorchCUDAKernel:
         qt, kt, vt = _bhsd(q, expand_kv(k, g), expand_kv(v, g))
         out, lse, extras = self._fwd(qt, kt, vt, causal, scale)
         b, s, h, _ = q.shape
-        self._extras[s] = extras
+        self._extras[(s, k.shape[1], causal)] = extras  # packed documents' calls share query lengths
         return out.transpose(1, 2), self._lse_out(lse, b, h, s)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         g = gqa_groups(q, k)
         args = _bhsd(dout, q, expand_kv(k, g), expand_kv(v, g), out.to(q.dtype))
-        extras = self._extras.get(q.shape[1])
+        extras = self._extras.get((q.shape[1], k.shape[1], causal))
         if extras is None:
             raise RuntimeError(f"{self.name}: backward called for a query length forward never saw")
         dq, dk, dv = self._bwd(*args, self._lse_in(lse), extras, causal, scale)

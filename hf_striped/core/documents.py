@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +136,7 @@ def _doc_of(bounds: tuple[int, ...], g: int) -> int:
     return bisect.bisect_right(bounds, g) - 1
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def plain_placement(layout: str, world_size: int, n: int, bounds: tuple[int, ...] | None) -> Placement:
     """The ``layout``'s own token positions (``hf_striped.core.layout``), its runs cut at the
     document ``bounds`` (``None``: one document)."""
@@ -178,20 +179,19 @@ def _split_cost(length: int, world_size: int) -> float:
 
 def _choose_split(lengths: list[int], P: int, c: int) -> set[int]:
     """The documents to split over all ranks: those longer than a rank's share, plus the ``k``
-    largest others for the ``k`` whose modelled critical path is shortest (the slowest rank's
-    whole documents at step 0, plus P steps of every split document's per-step part)."""
+    largest others (k <= 3P) for the ``k`` whose modelled critical path is shortest (the slowest
+    rank's whole documents at step 0, plus P steps of every split document's per-step part)."""
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     forced = [d for d in order if lengths[d] > c]
     rest = [d for d in order if lengths[d] <= c]
     best, best_k = None, 0
-    for k in range(0, len(rest) + 1):
-        split = forced + rest[:k]
-        per_step = sum(_split_cost(lengths[d], P) for d in split)
-        load = [0.0] * P
-        for d in rest[k:]:  # largest first onto the least loaded rank (capacity is the packer's job)
-            i = min(range(P), key=load.__getitem__)
-            load[i] += _whole_cost(lengths[d])
-        cost = max(load) + P * per_step
+    for k in range(0, min(len(rest), 3 * P) + 1):
+        per_step = sum(_split_cost(lengths[d], P) for d in forced + rest[:k])
+        loads = [(0.0, r) for r in range(P)]  # largest first onto the least loaded rank, as a heap
+        for d in rest[k:]:  # (room is the packer's concern, not the model's)
+            load, r = heapq.heappop(loads)
+            heapq.heappush(loads, (load + _whole_cost(lengths[d]), r))
+        cost = max(load for load, _ in loads) + P * per_step
         if best is None or cost < best:
             best, best_k = cost, k
     return set(forced + rest[:best_k])
@@ -264,20 +264,21 @@ def _pack_whole(lengths: list[int], striped: set[int], free: list[int], P: int):
 def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int]) -> None:
     """Lower the most loaded rank's whole-document work by moving one of its documents to another
     rank, or swapping it for a smaller one there, while the room allows and it helps (room that
-    frees up is filled by the split documents afterwards, so token counts stay exact)."""
-    for _ in range(4 * sum(len(w) for w in whole)):
+    frees up is filled by the split documents afterwards, so token counts stay exact). Bounded:
+    a few rounds over the largest documents of the top rank and the smallest of the others."""
+    cost = lambda d: _whole_cost(lengths[d])  # noqa: E731
+    for _ in range(4 * len(load)):
         top = max(range(len(load)), key=load.__getitem__)
         best = None  # (new max of the two ranks, document, other rank, document swapped back or None)
-        for d in whole[top]:
-            wd = _whole_cost(lengths[d])
+        for d in sorted(whole[top], key=cost, reverse=True)[:_REBALANCE_WIDTH]:
             for r in range(len(load)):
                 if r == top:
                     continue
-                for e in [None, *whole[r]]:
-                    we, le = (0.0, 0) if e is None else (_whole_cost(lengths[e]), lengths[e])
+                for e in [None, *sorted(whole[r], key=cost)[:_REBALANCE_WIDTH]]:
+                    we, le = (0.0, 0) if e is None else (cost(e), lengths[e])
                     if free[r] + le < lengths[d] or free[top] + lengths[d] < le:
                         continue
-                    after = max(load[top] - wd + we, load[r] + wd - we)
+                    after = max(load[top] - cost(d) + we, load[r] + cost(d) - we)
                     if after < load[top] - 1e-9 and (best is None or after < best[0]):
                         best = (after, d, r, e)
         if best is None:
@@ -286,6 +287,10 @@ def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengt
         _move(whole, load, free, lengths, d, top, r)
         if e is not None:
             _move(whole, load, free, lengths, e, r, top)
+
+
+_REBALANCE_WIDTH = 16
+"""Documents per rank :func:`_rebalance` considers (bounds its work on rows of thousands)."""
 
 
 def _move(whole, load, free, lengths, d: int, src: int, dst: int) -> None:
@@ -314,7 +319,7 @@ def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int]) 
             g, left = g + take, left - take
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def placement(layout: str, world_size: int, n: int, bounds: tuple[int, ...] | None) -> Placement:
     """Where each rank's tokens of a row of ``n`` tokens with document ``bounds`` lie (``None``:
     no documents). Only ``striped`` with documents places them differently from the layout."""

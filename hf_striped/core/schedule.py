@@ -189,7 +189,7 @@ class RingPlan:
         return self.world_size if self.travel(c) else 1
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)  # a rank needs P entries per forward; each row brings new ones
 def _placement_blocks(placement: Placement, rank: int, source: int, causal: bool, window) -> list[Block]:
     return placement_blocks(placement, rank, source, causal, window)
 
