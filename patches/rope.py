@@ -79,11 +79,7 @@ def check_forward(config, position_ids: torch.Tensor, *, layout: str, rank: int,
     n = seq_local * world_size
     if documents is not None:  # positions restart per document: each rank's largest is known
         pl = documents.placement(layout, world_size, n)
-        starts = torch.tensor(documents.bounds[:-1])
-        rank_lengths = []
-        for r in range(world_size):
-            g = pl.indices(r)
-            rank_lengths.append(int((g - starts[torch.searchsorted(starts, g, right=True) - 1]).max()) + 1)
+        rank_lengths = [int(pl.document_positions(r, documents.bounds).max()) + 1 for r in range(world_size)]
         full_length = max(b - a for a, b in zip(documents.bounds, documents.bounds[1:]))
     else:
         pos = position_ids.reshape(-1, position_ids.shape[-1]).long()

@@ -86,6 +86,13 @@ class Placement:
         parts = [torch.arange(r.length, device=device) * r.stride + r.first for r in self.runs[rank]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
+    def document_positions(self, rank: int, bounds: tuple[int, ...], device=None) -> torch.Tensor:
+        """Each of ``rank``'s local tokens' position inside its document (what a packed row's
+        ``position_ids`` hold there), for the document ``bounds`` this placement was made for."""
+        g = self.indices(rank, device)
+        starts = torch.tensor(bounds[:-1], device=device)
+        return g - starts[torch.searchsorted(starts, g, right=True) - 1]
+
     def order(self, device=None) -> torch.Tensor:
         """All ranks' :meth:`indices`, in rank order: the permutation a gather of every rank's
         part applies to the natural order (its inverse puts the gather back in order)."""

@@ -69,8 +69,8 @@ class PositionCheck:
         if pos is None:
             return {**out, "positions: differ from the documents": 0, **dict.fromkeys(_SUMMARY, 0)}
         if given:
-            expected = _document_positions(placement(self.layout, self.world_size, c * self.world_size, bounds),
-                                           bounds, self.rank, pos.device)
+            pl = placement(self.layout, self.world_size, c * self.world_size, bounds)
+            expected = pl.document_positions(self.rank, bounds, pos.device)
             wrong = int(pos.shape[0] != 1 or not torch.equal(pos[0].long(), expected))
             return {**out, "positions: differ from the documents": wrong, **dict.fromkeys(_SUMMARY, 0)}
         offset = pos.expand(batch, -1).long() - global_indices(self.layout, self.rank, self.world_size,
@@ -135,13 +135,6 @@ class PositionCheck:
         if not starts or starts[0] != 0 or not bool(((full == prev + 1) | (full == 0)).all()):
             raise ValueError(_neither(self.layout))
         return check_cu_seqlens(starts + [full.numel()], full.numel())
-
-
-def _document_positions(pl, bounds: tuple[int, ...], rank: int, device) -> torch.Tensor:
-    """Each local token's position inside its document, under placement ``pl``."""
-    g = pl.indices(rank, device)
-    starts = torch.tensor(bounds[:-1], device=device)
-    return g - starts[torch.searchsorted(starts, g, right=True) - 1]
 
 
 def local_positions(position_ids: torch.Tensor, batch: int, c: int, layout: str, rank: int,
