@@ -17,6 +17,7 @@ if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_fil
 from .integration.context import context_parallel  # noqa: E402
 from .training.data import StripingCollator  # noqa: E402
 from .integration.attention import ATTN_IMPLEMENTATION, register  # noqa: E402
+from .integration.generation import StripedCache  # noqa: E402
 from .core.guards import NonFiniteError, RingCommError  # noqa: E402
 from .core.layout import LAYOUTS  # noqa: E402
 from .core.options import RingHooks, RingOptions  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "RingCommError",
     "RingHooks",
     "RingOptions",
+    "StripedCache",
     "StripedTrainer",
     "StripedTrainingArguments",
     "StripingCollator",

@@ -27,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .context import active_context, state_for_attention_call
+from .generation import decode_attention, decoding_cache
 from ..patches import check_model, windows_reach_attention
 from ..patches import rope as _rope
 from ..core.ring import check_peer_spread, peer_signature, rejected_by_peer, ring_attention_call
@@ -58,9 +59,9 @@ def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_
                 "with attn_implementation='sdpa' and run them outside hf_striped.context_parallel.")
     if key.shape[2] != query.shape[2]:
         _refuse(
-            "a KV cache (generation or cached prefixes)",
-            "Generate outside the context_parallel block, where striped_ring behaves like sdpa; "
-            "inside it pass use_cache=False.",
+            "a KV cache other than generate()'s",
+            "Inside the block call model.generate() (or the causal-LM model with cache=hf_striped.StripedCache(...)) "
+            "with the whole prompt on every rank; for training forwards pass use_cache=False.",
         )
     if attention_mask is not None:
         _refuse(
@@ -145,6 +146,9 @@ def striped_ring_attention_forward(
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
             return _eager_outside_context(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    cache = decoding_cache(state)
+    if cache is not None and cache.layers[module.layer_idx].keys is key:
+        return _decode(module, query, key, value, dropout, scaling, kwargs, cache), None
     config = getattr(module, "config", None)
     local_error = None
     try:
@@ -180,6 +184,19 @@ def striped_ring_attention_forward(
         cu_seqlens=None if docs is None else docs.bounds, place_documents=docs is not None and docs.placed,
     )
     return out, None
+
+
+def _decode(module, query, key, value, dropout, scaling, kwargs, cache):
+    """One decoded token on the sharded cache of ``generate()`` (:mod:`.generation`)."""
+    if dropout and dropout > 0:
+        _refuse(f"attention dropout (p={dropout})", "Call model.eval() before generating.")
+    if kwargs.get("output_attentions"):
+        _refuse("output_attentions", "The full attention matrix is never formed on one rank; drop output_attentions=True.")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return decode_attention(module, query, key, value, cache, scale=scale, softcap=kwargs.get("softcap"),
+                            sinks=kwargs.get("s_aux"), window=None if window is None else int(window),
+                            name=_layer_name(module))
 
 
 def _check_documents_fit(config, docs) -> None:

@@ -29,6 +29,8 @@ class ContextParallelState:
     """The training step, named in NaN/Inf errors; set it as training advances."""
     rank: int = field(init=False)
     world_size: int = field(init=False)
+    generation_cache: object = field(default=None, init=False, repr=False)
+    """The StripedCache of the model forward now running with a cache (generation), if any."""
     _checked: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -178,8 +180,11 @@ def context_parallel(
     """
     options = build_options(options, layout=layout, backend=backend, timeout=timeout, check_finite=check_finite)
     state = ContextParallelState(group=group, options=options, train_step=train_step)
+    from .generation import attach_while_active  # generation imports this module
+
     token = _ACTIVE.set(state)
     try:
-        yield state
+        with attach_while_active:
+            yield state
     finally:
         _ACTIVE.reset(token)
