@@ -233,3 +233,10 @@ def test_a_rank_lost_during_decode_gives_a_bounded_error(tmp_path, tiny_llama_di
     assert report["raised"] == "RingCommError", report
     assert "decode merge" in report["message"]
     assert report["seconds"] < timeout + 60
+
+
+def test_max_time_is_refused_on_every_rank(dist_pool, tiny_llama_dir):
+    prompt = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(13))
+    kw = dict(max_new_tokens=4, do_sample=False, max_time=30.0)
+    res = dist_pool(2).run(gw.generate_each, tiny_llama_dir, [prompt, prompt], [kw, kw])
+    _raised_everywhere(res, "ValueError", "max_time", "max_new_tokens")

@@ -247,7 +247,7 @@ def _prefill_inputs(kwargs, cache, state: ContextParallelState) -> dict:
     x = ids if ids is not None else embeds
     error = getattr(cache, "_error", None) or _prompt_error(kwargs, x)
     n = x.shape[1] if error is None else 0
-    _agree_on_prompt(state, cache, x, n, error)
+    _agree_on_prompt(state, x, n, error)
     P, r = state.world_size, state.rank
     padded = -(-n // P) * P
     positions = torch.arange(padded, device=x.device)
@@ -287,30 +287,47 @@ def _fingerprint(*parts) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def _generation_settings() -> str:
-    """The ``GenerationConfig`` of the ``generate()`` call this forward runs in, as JSON, or ""
-    for a forward not made by ``generate()``. ``generate()`` does not pass its settings to the
-    model, so they are read from its frame (``_prefill``'s argument)."""
+def _generation_config() -> GenerationConfig | None:
+    """The ``GenerationConfig`` of the ``generate()`` call this forward runs in (``None`` for a
+    forward not made by ``generate()``). ``generate()`` does not pass its settings to the model,
+    so they are read from its frame (``_prefill``'s argument)."""
     frame = sys._getframe(1)
     for _ in range(32):
         if frame is None:
             break
-        config = frame.f_locals.get("generation_config") if frame.f_code.co_name in ("_prefill", "_sample",
-                                                                                      "generate") else None
-        if isinstance(config, GenerationConfig):
-            public = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and not torch.is_tensor(v)}
-            return repr(sorted(public.items()))
+        if frame.f_code.co_name in ("_prefill", "_sample", "generate"):
+            config = frame.f_locals.get("generation_config")
+            if isinstance(config, GenerationConfig):
+                return config
         frame = frame.f_back
-    return ""
+    return None
 
 
-def _agree_on_prompt(state: ContextParallelState, cache, x, n: int, error) -> None:
+def _settings(config: GenerationConfig | None) -> str:
+    if config is None:
+        return ""
+    public = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and not torch.is_tensor(v)}
+    return repr(sorted(public.items()))
+
+
+def _settings_error(config: GenerationConfig | None) -> BaseException | None:
+    if config is not None and config.max_time is not None:
+        return ValueError(
+            f"generate(max_time={config.max_time}) inside hf_striped.context_parallel could stop the ranks at "
+            "different tokens (each measures its own time), leaving the others waiting: use max_new_tokens"
+        )
+    return None
+
+
+def _agree_on_prompt(state: ContextParallelState, x, n: int, error) -> None:
+    config = _generation_config()
+    error = error or _settings_error(config)
     ids = x.detach().to("cpu").contiguous() if x is not None and error is None else None
     fields = {
         "prompt tokens": n,
         "batch size": 0 if ids is None else ids.shape[0],
         "prompt": 0 if ids is None else _fingerprint(str(ids.dtype), ids.numpy().tobytes()),
-        "generation settings": _fingerprint(_generation_settings()),
+        "generation settings": _fingerprint(_settings(config)),
     }
     verdict = guards.agree(state.group, fields, what="the prompt check before a striped prefill",
                            timeout=state.options.timeout, error=error,
