@@ -10,6 +10,9 @@
 * ``packed_efficiency.png``: packed documents (``bench_packed.py``), fwd+bwd efficiency (ideal /
   critical path) per mixture against P, one line per layout, one panel per tokens per rank; its
   tables are appended to ``summary.md``.
+* ``generate.png``: long-prompt generation (``bench_generate.py``): prefill time, per-token
+  decode latency and KV-cache bytes per rank against prompt length, one process against the
+  striped ring over P processes; its table is appended to ``summary.md``.
 """
 
 from __future__ import annotations
@@ -246,6 +249,76 @@ def packed_section(summ) -> str:
     return "\n".join(out)
 
 
+def _generate_sort(v):
+    return (0, 0) if v == "one_process" else (1, int(v.rsplit("cp", 1)[-1]) if v.rsplit("cp", 1)[-1].isdigit() else 0)
+
+
+def generate_data(path):
+    """{(variant, N): {figure: value}} from the latest run of each (per-rank cache bytes are
+    left out: ``cache_bytes_per_rank_max`` summarises them), the shape of one row, and the
+    hardware of the latest row."""
+    rows = [dict(r, **{"s": parse_shape(r["shape"])}) for r in read_rows(path)]
+    rows = _latest(rows, lambda r: (r["variant"], r["s"]["N"]))
+    summ = defaultdict(dict)
+    shape = {}
+    for r in rows:
+        if "rank" in r["s"]:
+            continue
+        summ[(r["variant"], r["s"]["N"])][r["figure"]] = float(r["value"])
+        shape = r["s"]
+    return summ, shape, (rows[-1]["hardware"] if rows else "")
+
+
+def plot_generate(plt, summ, shape, out, hw):
+    variants = sorted({k[0] for k in summ}, key=_generate_sort)
+    panels = (("prefill_s", "prefill (s)"), ("decode_ms_per_token", "decode latency (ms / token)"),
+              ("cache_bytes_per_rank_max", "KV cache per rank (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4))
+    fig.subplots_adjust(wspace=0.35)
+    for ax, (fig_name, label) in zip(axes, panels):
+        for v in variants:
+            pts = sorted((n, d[fig_name]) for (vv, n), d in summ.items() if vv == v and fig_name in d)
+            scale = 2**20 if fig_name.startswith("cache") else 1
+            ax.plot([p[0] for p in pts], [p[1] / scale for p in pts], marker="o", label=v)
+        ax.set_xscale("log", base=2)
+        if fig_name != "decode_ms_per_token":
+            ax.set_yscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"long-prompt generation, random Llama ({shape.get('layers')} layers, hidden {shape.get('hidden')}, "
+                 f"{shape.get('h')} heads / {shape.get('hk')} KV heads), {shape.get('new')} greedy tokens, "
+                 f"{shape.get('threads')} thread(s) per process\n{hw}", fontsize=8)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def generate_section(summ, shape) -> str:
+    lines = ["## Long-prompt generation (scripts/bench_generate.py)", "",
+             f"A random Llama ({shape.get('layers')} layers, hidden {shape.get('hidden')}, {shape.get('h')} heads, "
+             f"{shape.get('hk')} KV heads), a random prompt, {shape.get('new')} greedy tokens; every process "
+             f"{shape.get('threads')} CPU thread(s). `× one`: the striped variant's figure over `one_process`'s. "
+             "Decode: median latency between consecutive new tokens. KV per rank: the largest rank's cache bytes "
+             "(one process: its DynamicCache). coll/token: hf-striped collectives per decoded token (all-gathers, "
+             "one per layer). match: the CP tokens equal one process's.", "",
+             "| prompt | variant | prefill s | × one | decode ms/token | × one | KV MiB per rank | × one | coll/token | match |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (v, n), d in sorted(summ.items(), key=lambda kv: (kv[0][1], _generate_sort(kv[0][0]))):
+        if "prefill_s" not in d:
+            continue
+
+        def ratio(fig, fmt=".2f"):
+            return format(d[fig], fmt) if fig in d else ""
+
+        match = "" if "tokens_match_one_process" not in d else ("yes" if d["tokens_match_one_process"] else "NO")
+        lines.append(f"| {n} | {v} | {d['prefill_s']:.2f} | {ratio('prefill_ratio_to_one_process')} | "
+                     f"{d['decode_ms_per_token']:.1f} | {ratio('decode_ratio_to_one_process')} | "
+                     f"{d['cache_bytes_per_rank_max'] / 2**20:.1f} | {ratio('cache_ratio_to_one_process', '.3f')} | "
+                     f"{d.get('collectives_per_token', 0):.0f} | {match} |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_table(summ) -> str:
     lines = ["| P | tokens/rank | layout | efficiency fwd | efficiency fwd+bwd | × contiguous fwd | "
              "× contiguous fwd+bwd | ideal × contiguous (2 − 1/P) |", "|---|---|---|---|---|---|---|---|"]
@@ -303,6 +376,11 @@ def main(argv=None):
         plot_packed(plt, psumm, out / "packed_efficiency.png", hw)
         summary.append(packed_section(psumm))
         written.append("packed_efficiency.png")
+    if (res / "generate.csv").exists():
+        gsumm, gshape, hw = generate_data(res / "generate.csv")
+        plot_generate(plt, gsumm, gshape, out / "generate.png", hw)
+        summary.append(generate_section(gsumm, gshape))
+        written.append("generate.png")
     if summary:
         (out / "summary.md").write_text("\n".join(summary))
         written.append("summary.md")

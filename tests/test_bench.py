@@ -98,3 +98,23 @@ def test_bench_packed_writes_rows(tmp_path):
     _run("plot_benchmarks.py", "--results", tmp_path, "--out", plots)
     assert {"packed_efficiency.png", "summary.md"} <= {p.name for p in plots.iterdir()}
     assert "| chat | 2 | 128 | " in (plots / "summary.md").read_text()
+
+
+def test_bench_generate_writes_rows(tmp_path):
+    out = tmp_path / "generate.csv"
+    _run("bench_generate.py", "--quick", "--out", out)
+    rows = _rows(out)
+    fig = {(r["variant"], r["shape"].split(";")[0], r["figure"]): float(r["value"]) for r in rows}
+    for n in ("N=64", "N=129"):
+        for v in ("one_process", "striped_cp2"):
+            assert {(v, n, f) for f in ("prefill_s", "decode_ms_per_token", "cache_bytes_per_rank_max")} <= set(fig)
+        assert fig[("striped_cp2", n, "tokens_match_one_process")] == 1  # exact: the same greedy tokens
+        assert fig[("striped_cp2", n, "all_gathers_per_token_per_layer")] == 1  # one all-gather per layer per token
+        assert fig[("striped_cp2", n, "cache_ratio_to_one_process")] <= 0.5 + 1 / 64  # each rank holds half the K/V
+        assert fig[("one_process", n, "collectives_per_token")] == 0
+
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    _run("plot_benchmarks.py", "--results", tmp_path, "--out", plots)
+    assert {"generate.png", "summary.md"} <= {p.name for p in plots.iterdir()}
+    assert "| 129 | striped_cp2 | " in (plots / "summary.md").read_text()
