@@ -266,7 +266,7 @@ def main(argv=None) -> None:
         fail(str(exc), rank)
     if args.prompt is None and args.prompt_file is None:
         ids = ids[:, : args.default_tokens]
-        where += f", its first {ids.shape[1]} tokens"
+        where = f"the start of {where}"
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=hf_striped.ATTN_IMPLEMENTATION,
                                                  dtype=dtype, use_safetensors=True).eval()
