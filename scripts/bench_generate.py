@@ -226,6 +226,7 @@ def main(argv=None):
     if min(args.P) < 2 or args.new_tokens < 2:
         ap.error("--P values must be >= 2 and --new-tokens >= 2")
     args.P = sorted(set(args.P))
+    torch.set_num_threads(args.threads)  # what the hardware column reports: every process's threads
     t0 = time.perf_counter()
     res = spawn_ranks(_worker, max(args.P), args)
     rows = [r for rank in sorted(res) for r in res[rank]]
