@@ -18,7 +18,7 @@ collectives per decoded token (calls of ``hf_striped.core.guards`` collectives b
 and the last new token, counted in every benchmark process; expected: one all-gather per layer)
 and whether the CP tokens equal one process's. Ratios to ``one_process`` are rows too.
 
-    python scripts/bench_generate.py                 # 4k-32k-token prompts, P = 2: about 3 minutes on 2 cores
+    python scripts/bench_generate.py                 # 4k-32k-token prompts, P = 2, 3 repeats: about 1.5 minutes on 2 cores
     python scripts/bench_generate.py --P 2 4 --prompt-lens 8192
     python scripts/bench_generate.py --quick         # seconds: the smoke test
 
