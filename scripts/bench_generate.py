@@ -103,6 +103,7 @@ def _generate(model, ids, new_tokens, counts, cache=None, group=None):
 
 def _worker(rank, world, port, args, queue):
     import hf_striped
+    from hf_striped.core import guards
     from transformers import LlamaForCausalLM
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -126,7 +127,7 @@ def _worker(rank, world, port, args, queue):
         if rank == 0:
             torch.set_num_threads(args.threads)
             res = _generate(one, ids, args.new_tokens, counts)
-        dist.barrier()
+        guards.barrier(what="the one-process run", timeout=1800)
         return res if rank == 0 else None
 
     def run_cp(ids, P):
@@ -135,7 +136,7 @@ def _worker(rank, world, port, args, queue):
             torch.set_num_threads(args.threads)
             cache = hf_striped.StripedCache(cp.config, group=groups[P])
             res = _generate(cp, ids, args.new_tokens, counts, cache=cache, group=groups[P])
-        dist.barrier()
+        guards.barrier(what="the context-parallel run", timeout=1800)
         return res
 
     warm = torch.randint(3, args.vocab, (1, 64), generator=torch.Generator().manual_seed(1))
@@ -158,7 +159,7 @@ def _worker(rank, world, port, args, queue):
                 if rank == 0:
                     print(f"[bench_generate] {variant} prompt {n}: prefill {res[1]:.2f} s" if res else "", flush=True)
     queue.put((rank, results))
-    dist.barrier()
+    guards.barrier(what="the benchmark's end", timeout=1800)
     dist.destroy_process_group()
 
 

@@ -134,11 +134,19 @@ def read_prompt(args) -> tuple[str | None, str, str | None]:
         return None, "", f"could not read the prompt: {exc}"
 
 
-def share(obj, rank: int):
-    """``obj`` of rank 0, on every rank."""
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def share(obj, rank: int, timeout: float | None = None):
+    """``obj`` (JSON-able) of rank 0, on every rank: its length, then its bytes, each summed with
+    zeros from the other ranks (through hf_striped's guarded collectives, with a deadline)."""
+    from hf_striped.core import guards
+
+    data = json.dumps(obj).encode() if rank == 0 else b""
+    size = guards.reduce_host(torch.tensor([len(data)], dtype=torch.int64), what="sharing rank 0's prompt",
+                              timeout=timeout)
+    buf = torch.zeros(int(size), dtype=torch.int32)
+    if rank == 0:
+        buf += torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
+    buf = guards.reduce_host(buf, what="sharing rank 0's prompt", timeout=timeout)
+    return json.loads(bytes(buf.to(torch.uint8).tolist()).decode())
 
 
 def model_folder(args, rank: int) -> tuple[Path | None, str | None]:
@@ -151,7 +159,7 @@ def model_folder(args, rank: int) -> tuple[Path | None, str | None]:
                 path = smollm2_folder()
             except (FileNotFoundError, ImportError) as exc:
                 error = str(exc)
-        error = share(error, rank)
+        error = share(error, rank, args.timeout)
         return (smollm2_folder() if error is None else None), error
     path = Path(args.model)
     if not (path / "config.json").is_file():
@@ -228,6 +236,104 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def load(args, rank: int, world: int):
+    """The prompt (read by rank 0, shared), tokenizer and model, checked: (model, tokenizer,
+    prompt ids, where the prompt came from); every rank stops alike on bad input."""
+    text, where, error = read_prompt(args) if rank == 0 else (None, "", None)
+    text, where, error = share((text, where, error), rank, args.timeout)
+    if error is None and not text.strip():
+        error = f"the prompt ({where}) is empty"
+    if error:
+        fail(error, rank)
+    folder, error = model_folder(args, rank)
+    if error:
+        fail(error, rank)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_striped
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = tokenize(tokenizer, text, args)
+    except (OSError, ValueError) as exc:
+        fail(f"--model {folder}: {exc.__class__.__name__}: {exc}", rank)
+    if args.prompt is None and args.prompt_file is None:
+        ids = ids[:, : args.default_tokens]
+        where = f"the start of {where}"
+    if ids.numel() == 0:
+        fail(f"the prompt ({where}) has no tokens", rank)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=hf_striped.ATTN_IMPLEMENTATION,
+                                                 dtype=getattr(torch, args.dtype), use_safetensors=True).eval()
+    limit, n = getattr(model.config, "max_position_embeddings", None), ids.shape[1]
+    if limit is not None and n + args.max_new_tokens > limit:
+        fail(f"the prompt ({n} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+             f"max_position_embeddings {limit}", rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if rank == 0:
+        print(f"[generate] {folder.name}, {world} process(es) in one context-parallel group, prompt: {n} tokens from "
+              f"{where}, up to {args.max_new_tokens} new tokens ({'sampling' if args.do_sample else 'greedy'})",
+              flush=True)
+    return model.to(device), tokenizer, ids.to(device)
+
+
+def generate(args, rank: int, model, tokenizer, ids):
+    """``model.generate()`` inside the context: (new token ids, the cache, seconds, rank 0's
+    Progress or None)."""
+    import transformers
+
+    import hf_striped
+
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    progress = Progress(tokenizer, layers, args.max_new_tokens, stream=not args.no_stream) if rank == 0 else None
+    group = dist.group.WORLD
+    cache = hf_striped.StripedCache(model.config, group=group)
+    sample = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=None) if args.do_sample \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    transformers.set_seed(args.seed)  # the same draws on every rank
+    if progress:
+        progress.start()
+    t0 = time.perf_counter()
+    with torch.no_grad(), hf_striped.context_parallel(group, timeout=args.timeout):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
+                             max_new_tokens=args.max_new_tokens, streamer=progress, pad_token_id=pad, **sample)
+    total = time.perf_counter() - t0
+    if progress:
+        progress.close()
+        progress.t_first -= t0  # seconds from the start to the first new token: the prefill
+    return out[0, ids.shape[1]:].tolist(), cache, total, progress
+
+
+def report(args, tokenizer, ids, new, cache, total, progress, world) -> None:
+    """Every rank's cache bytes to rank 0, which prints the speeds and the memory line (and --json)."""
+    from hf_striped.core import guards
+
+    mem = torch.tensor([cache.memory_bytes(), cache.layers[0].local_length()], dtype=torch.float64)
+    parts = guards.all_gather(mem, what="gathering the ranks' cache sizes", timeout=args.timeout)
+    if progress is None:
+        return
+    n = ids.shape[1]
+    if args.no_stream:
+        print("----- continuation -----\n" + tokenizer.decode(new, skip_special_tokens=True) + "\n----- end -----")
+    prefill_s = progress.t_first
+    decode_s = total - prefill_s
+    decoded = len(new) - 1  # tokens after the first, each one decode forward
+    print(f"[generate] prefill: {n} tokens in {prefill_s:.2f} s ({n / prefill_s:.1f} tokens/s)")
+    if decoded > 0:
+        print(f"[generate] decode: {decoded} tokens in {decode_s:.2f} s ({decoded / decode_s:.2f} tokens/s, "
+              f"{1000 * decode_s / decoded:.1f} ms/token)")
+    per_rank, tokens = [int(p[0]) for p in parts], [int(p[1]) for p in parts]
+    one = sum(per_rank)  # what a DynamicCache on one process holds for the same tokens
+    ranks = ", ".join(f"rank {r} {mib(b)} ({t} tokens/layer)" for r, (b, t) in enumerate(zip(per_rank, tokens)))
+    print(f"[generate] KV cache: {ranks}; one process would hold {mib(one)} ({cache.length} tokens/layer): "
+          f"{max(per_rank) / one:.3f} of it on the largest rank", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            prompt_tokens=n, prompt_ids=ids[0].tolist(), new_ids=new, prefill_s=prefill_s, decode_s=decode_s,
+            cache_bytes=per_rank, cache_tokens=tokens, cache_length=cache.length, world_size=world)))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world = init_distributed(args.timeout)
@@ -239,95 +345,9 @@ def main(argv=None) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-
-    text, where, error = read_prompt(args) if rank == 0 else (None, "", None)
-    text, where, error = share((text, where, error), rank)
-    if error is None and not text.strip():
-        error = f"the prompt ({where}) is empty"
-    if error:
-        fail(error, rank)
-
-    folder, error = model_folder(args, rank)
-    if error:
-        fail(error, rank)
-
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import hf_striped
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        fail(f"--model {folder}: no usable tokenizer ({exc.__class__.__name__}: {exc})", rank)
-    try:
-        ids = tokenize(tokenizer, text, args)
-    except ValueError as exc:
-        fail(str(exc), rank)
-    if args.prompt is None and args.prompt_file is None:
-        ids = ids[:, : args.default_tokens]
-        where = f"the start of {where}"
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=hf_striped.ATTN_IMPLEMENTATION,
-                                                 dtype=dtype, use_safetensors=True).eval()
-    limit = getattr(model.config, "max_position_embeddings", None)
-    n = ids.shape[1]
-    if ids.numel() == 0:
-        fail(f"the prompt ({where}) has no tokens", rank)
-    if limit is not None and n + args.max_new_tokens > limit:
-        fail(f"the prompt ({n} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
-             f"max_position_embeddings {limit}", rank)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    ids = ids.to(device)
-    group = dist.group.WORLD
-    if rank == 0:
-        print(f"[generate] {folder.name}, {world} process(es) in one context-parallel group, prompt: {n} tokens from "
-              f"{where}, up to {args.max_new_tokens} new tokens ({'sampling' if args.do_sample else 'greedy'})",
-              flush=True)
-
-    layers = getattr(getattr(model, "model", None), "layers", [])
-    progress = Progress(tokenizer, layers, args.max_new_tokens, stream=not args.no_stream) if rank == 0 else None
-    cache = hf_striped.StripedCache(model.config, group=group)
-    sample = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=None) if args.do_sample \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    transformers.set_seed(args.seed)  # the same draws on every rank
-    if progress:
-        progress.start()
-    t0 = time.perf_counter()
-    with torch.no_grad(), hf_striped.context_parallel(group, timeout=args.timeout):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
-                             max_new_tokens=args.max_new_tokens, streamer=progress,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id, **sample)
-    total = time.perf_counter() - t0
-    new = out[0, n:].tolist()
-    if progress:
-        progress.close()
-
-    mem = torch.tensor([cache.memory_bytes(), cache.layers[0].local_length()], dtype=torch.float64)
-    parts = [torch.zeros_like(mem) for _ in range(world)]
-    dist.all_gather(parts, mem)
-    if rank == 0:
-        if args.no_stream:
-            print("----- continuation -----\n" + tokenizer.decode(new, skip_special_tokens=True) + "\n----- end -----")
-        prefill_s = progress.t_first - t0
-        decode_s = total - prefill_s
-        decoded = len(new) - 1  # tokens after the first, each one decode forward
-        print(f"[generate] prefill: {n} tokens in {prefill_s:.2f} s ({n / prefill_s:.1f} tokens/s)")
-        if decoded > 0:
-            print(f"[generate] decode: {decoded} tokens in {decode_s:.2f} s ({decoded / decode_s:.2f} tokens/s, "
-                  f"{1000 * decode_s / decoded:.1f} ms/token)")
-        per_rank = [int(p[0]) for p in parts]
-        one = sum(per_rank)  # what a DynamicCache on one process holds for the same tokens
-        ranks = ", ".join(f"rank {r} {mib(b)} ({int(p[1])} tokens/layer)" for r, (b, p) in enumerate(zip(per_rank, parts)))
-        print(f"[generate] KV cache: {ranks}; one process would hold {mib(one)} ({cache.length} tokens/layer): "
-              f"{max(per_rank) / one:.3f} of it on the largest rank")
-        if args.json:
-            Path(args.json).write_text(json.dumps(dict(
-                prompt_tokens=n, prompt_ids=ids[0].tolist(), new_ids=new, prefill_s=prefill_s, decode_s=decode_s,
-                cache_bytes=per_rank, cache_tokens=[int(p[1]) for p in parts], cache_length=cache.length,
-                world_size=world)))
+    model, tokenizer, ids = load(args, rank, world)
+    new, cache, total, progress = generate(args, rank, model, tokenizer, ids)
+    report(args, tokenizer, ids, new, cache, total, progress, world)
     dist.destroy_process_group()
 
 
