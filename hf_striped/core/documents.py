@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import heapq
 from dataclasses import dataclass
 
 import torch
@@ -164,57 +163,105 @@ def _work(length: int) -> int:
     return length * (length + 1) // 2
 
 
-CALL_SCORES = 6000
+CALL_SCORES = 3300
 """What one kernel call costs beyond its scores, in scores (PyTorch's CPU flash op with the
-ring's merge, measured by ``scripts/bench_packed.py``); the placement's cost model uses it."""
+ring's merge; fitted to the per-(rank, step) block times of ``scripts/bench_packed.py``, together
+with :data:`ROW_SCORES`, :data:`KEY_SCORES` and :data:`CAUSAL_TILE`); the placement's cost model
+uses them."""
+ROW_SCORES = 38
+"""What each query row of a call costs beyond its scores (the merge of its output, its dq)."""
+KEY_SCORES = 16
+"""What each key of a call costs beyond its scores (its share of dk and dv)."""
 CAUSAL_TILE = 512
 """Keys per tile the CPU op's causal mode skips whole: a causal call of L tokens costs about
-``L * (L + CAUSAL_TILE) / 2`` scores."""
+``L * (L + min(L, CAUSAL_TILE)) / 2`` scores (shorter calls compute their masked part too)."""
+
+
+def _call_cost(m: int, n: int, causal: bool) -> float:
+    """Modelled cost of one kernel call of ``m`` queries and ``n`` keys, in scores."""
+    scores = m * (m + min(m, CAUSAL_TILE)) / 2 if causal else m * n
+    return CALL_SCORES + ROW_SCORES * m + KEY_SCORES * n + scores
+
+
+def _calls_cost(calls: list[Block]) -> float:
+    return sum(_call_cost(b.q.stop - b.q.start, b.k.stop - b.k.start, b.causal) for b in calls)
 
 
 def _whole_cost(length: int) -> float:
     """Modelled cost of a document attended to whole, in one causal call."""
-    return CALL_SCORES + length * (length + min(length, CAUSAL_TILE)) / 2
+    return _call_cost(length, length, True)
 
 
-def _split_cost(length: int, world_size: int) -> float:
-    """Modelled cost, per rank and ring step, of a document split in 2P chunks (head-tail):
-    every step is about half of a (L / P)^2 block, in two calls."""
+def _split_step_cost(length: int, world_size: int) -> float:
+    """Rough modelled cost, per rank and ring step, of a document split in 2P chunks (head-tail):
+    about half of an (L / P)^2 block in one call (used only to rank candidates cheaply)."""
     share = length / world_size
-    return 2 * CALL_SCORES + share * share / 2
+    return CALL_SCORES + (ROW_SCORES + KEY_SCORES) * 0.75 * share + share * share / 2
 
 
-def _choose_split(lengths: list[int], P: int, c: int) -> set[int]:
-    """The documents to split over all ranks: those longer than a rank's share, plus the ``k``
-    largest others (k <= 3P) for the ``k`` whose modelled critical path is shortest (the slowest
-    rank's whole documents at step 0, plus P steps of every split document's per-step part)."""
+@functools.lru_cache(maxsize=1024)
+def _split_steps(length: int, world_size: int) -> tuple[tuple[float, ...], ...]:
+    """Modelled cost ``[rank][step]`` of the calls of one document of ``length`` tokens split
+    over ``world_size`` ranks in 2P head-tail chunks (exactly the calls :func:`placement_blocks`
+    makes for it; at ring step s rank r sees source (r - s) mod P)."""
+    P = world_size
+    runs: list[list[Run]] = [[] for _ in range(P)]
+    used = [0] * P
+    _split_document(0, length, 0, runs, used)
+    pl = Placement(P, max(used), tuple(tuple(x) for x in runs), max(used))
+    return tuple(tuple(_calls_cost(placement_blocks(pl, r, (r - s) % P, True)) for s in range(P)) for r in range(P))
+
+
+_PLACEMENT_BUDGET = 6000
+"""Documents packed in all (bounds the candidates :func:`document_placement` builds: every one of
+up to 3P + 1 for rows of up to a few hundred documents, at least two for rows of thousands)."""
+
+
+def _split_candidates(lengths: list[int], costs: list[float], P: int, c: int) -> list[list[int]]:
+    """The sets of documents to split that :func:`document_placement` builds and compares: those
+    longer than a rank's share plus the ``k`` largest others, for every ``k <= 3P`` (for long rows
+    only the ``k`` a rough model ranks best: whole documents spread evenly, but no rank less than
+    the largest of them, plus P steps of every split document's per-step part)."""
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     forced = [d for d in order if lengths[d] > c]
     rest = [d for d in order if lengths[d] <= c]
-    best, best_k = None, 0
-    for k in range(0, min(len(rest), 3 * P) + 1):
-        per_step = sum(_split_cost(lengths[d], P) for d in forced + rest[:k])
-        loads = [(0.0, r) for r in range(P)]  # largest first onto the least loaded rank, as a heap
-        for d in rest[k:]:  # (room is the packer's concern, not the model's)
-            load, r = heapq.heappop(loads)
-            heapq.heappush(loads, (load + _whole_cost(lengths[d]), r))
-        cost = max(load for load, _ in loads) + P * per_step
-        if best is None or cost < best:
-            best, best_k = cost, k
-    return set(forced + rest[:best_k])
+    top = min(len(rest), 3 * P)
+    keep = max(2, min(top + 1, _PLACEMENT_BUDGET // max(1, len(lengths))))
+    if keep < top + 1:
+        per_step = sum(_split_step_cost(lengths[d], P) for d in forced)
+        whole = sum(costs[d] for d in rest)
+        rough = []
+        for k in range(top + 1):
+            largest = costs[rest[k]] if k < len(rest) else 0.0
+            rough.append((max(whole / P, largest) + P * per_step, k))
+            if k < len(rest):
+                per_step += _split_step_cost(lengths[rest[k]], P)
+                whole -= costs[rest[k]]
+        ks = sorted(k for _, k in sorted(rough)[:keep])
+    else:
+        ks = list(range(top + 1))
+    return [forced + rest[:k] for k in ks]
 
 
-def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> None:
-    """Document ``d`` cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (each
-    rank the same share of its causal work); the tokens left over by an uneven cut go to the
-    ranks holding the fewest tokens so far, so every rank's count stays within one of the others."""
-    P = len(runs)
+def _split_sizes(length: int, used: list[int]) -> list[int]:
+    """Each rank's share of a document split over all ranks: equal, the tokens left over by an
+    uneven cut going to the ranks holding the fewest tokens so far (at most two more per rank), so
+    every rank's count stays within one of the others."""
+    P = len(used)
     base, extra = divmod(length, 2 * P)
-    sizes = {r: 2 * base for r in range(P)}
+    sizes = [2 * base] * P
     for _ in range(2):  # at most two extra tokens per rank, one per chunk
         for r in sorted(range(P), key=lambda r: (used[r] + sizes[r], r))[:extra]:
             sizes[r] += 1
             extra -= 1
+    return sizes
+
+
+def _place_head_tail(d: int, first: int, sizes: list[int], runs, used: list[int]) -> None:
+    """Document ``d`` (global start ``first``) cut into 2P contiguous chunks, rank r holding
+    chunks r and 2P - 1 - r, ``sizes[r]`` tokens in all (head the larger half), stored at the end
+    of its local tokens: head, then tail."""
+    P = len(runs)
     chunk = [0] * (2 * P)
     for r in range(P):
         chunk[r], chunk[2 * P - 1 - r] = -(-sizes[r] // 2), sizes[r] // 2
@@ -227,20 +274,41 @@ def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> N
         start += size
 
 
+def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> None:
+    """Document ``d`` cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (each
+    rank the same share of its causal work, see :func:`_split_sizes`)."""
+    _place_head_tail(d, first, _split_sizes(length, used), runs, used)
+
+
 def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Placement:
-    """The ``striped`` layout's placement of packed documents (module docstring): the documents
-    a cost model picks are split over all ranks in 2P balanced chunks, the others go whole onto one
-    rank balanced by work, and what fits nowhere whole fills the remaining room."""
+    """The ``striped`` layout's placement of packed documents (module docstring): for every
+    candidate set of documents to split (:func:`_split_candidates`), those are split over all
+    ranks in 2P balanced chunks, the others go whole onto one rank balanced by work, and what fits
+    nowhere whole fills the remaining room (contiguously, or head and tail over the ranks it
+    covers); of these placements the one whose modelled critical path (sum over ring steps of the
+    slowest rank's modelled calls) is shortest wins."""
     P, c = world_size, n // world_size
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    split = _choose_split(lengths, P, c)
-    runs: list[list[Run]] = [[] for _ in range(P)]
-    used = [0] * P
-    for d in sorted(split):
-        _split_document(d, lengths[d], bounds[d], runs, used)
-    free = [c - x for x in used]
-    whole, spill = _pack_whole(lengths, split, free, P)
-    _fill_spill(spill, lengths, bounds, runs, used, free)
+    costs = [_whole_cost(length) for length in lengths]
+    best = None
+    for split in _split_candidates(lengths, costs, P, c):
+        runs: list[list[Run]] = [[] for _ in range(P)]
+        used = [0] * P
+        split_path = [[0.0] * P for _ in range(P)]  # [rank][step]
+        for d in sorted(split):
+            _split_document(d, lengths[d], bounds[d], runs, used)
+            for r, row in enumerate(_split_steps(lengths[d], P)):
+                for s, x in enumerate(row):
+                    split_path[r][s] += x
+        free = [c - x for x in used]
+        whole, spill, load = _pack_whole(lengths, costs, set(split), free, P)
+        for head_tail in (False, True) if spill else (False,):
+            r2, u2, f2 = [list(x) for x in runs], list(used), list(free)
+            spilled = _fill_spill(spill, lengths, bounds, r2, u2, f2, head_tail)
+            cost = _modelled_path(split_path, spilled, load, P)
+            if best is None or cost < best[0]:
+                best = (cost, r2, u2, whole)
+    _, runs, used, whole = best
     travel = max(used)
     for r in range(P):
         for d in whole[r]:
@@ -249,39 +317,55 @@ def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Plac
     return Placement(P, c, tuple(tuple(x) for x in runs), travel)
 
 
-def _pack_whole(lengths: list[int], striped: set[int], free: list[int], P: int):
-    """Largest work first onto the least loaded rank with room (``free``, updated): returns the
-    documents each rank holds whole, and those that fit on no rank (to be split), in order."""
-    load = [0] * P
+def _modelled_path(split_path, spilled: list[list[Run]], load: list[float], P: int) -> float:
+    """Modelled critical path of a placement: per ring step the slowest rank's calls, summed; the
+    split documents' calls (``split_path[rank][step]``), the spilled pieces' calls (``spilled``:
+    each rank's runs of them) and the whole documents (``load``, at step 0 only)."""
+    pieces = Placement(P, 0, tuple(tuple(x) for x in spilled), 0)
+    total = 0.0
+    for s in range(P):
+        total += max(
+            split_path[r][s] + (load[r] if s == 0 else 0.0)
+            + (_calls_cost(placement_blocks(pieces, r, (r - s) % P, True)) if spilled[r] else 0.0)
+            for r in range(P)
+        )
+    return total
+
+
+def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free: list[int], P: int):
+    """Largest first onto the least loaded rank with room (``free``, updated), then
+    :func:`_rebalance`: returns the documents each rank holds whole, those that fit on no rank (to
+    be split), in order, and each rank's modelled load."""
+    load = [0.0] * P
     whole: list[list[int]] = [[] for _ in range(P)]
     spill = []
     for d in sorted((d for d in range(len(lengths)) if d not in striped), key=lambda d: (-lengths[d], d)):
-        fits = [r for r in range(P) if free[r] >= lengths[d]]
-        if not fits:
+        length = lengths[d]
+        r = min((r for r in range(P) if free[r] >= length), key=lambda r: (load[r], -free[r], r), default=None)
+        if r is None:
             spill.append(d)
             continue
-        r = min(fits, key=lambda r: (load[r], -free[r], r))
         whole[r].append(d)
-        load[r] += _whole_cost(lengths[d])
-        free[r] -= lengths[d]
-    _rebalance(whole, load, free, lengths)
-    return whole, sorted(spill)
+        load[r] += costs[d]
+        free[r] -= length
+    _rebalance(whole, load, free, lengths, costs)
+    return whole, sorted(spill), load
 
 
-def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int]) -> None:
+def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int],
+               costs: list[float]) -> None:
     """Lower the most loaded rank's whole-document work by moving one of its documents to another
     rank, or swapping it for a smaller one there, while the room allows and it helps (room that
-    frees up is filled by the split documents afterwards, so token counts stay exact). Bounded:
+    frees up is filled by the spilled documents afterwards, so token counts stay exact). Bounded:
     a few rounds over the largest documents of the top rank and the smallest of the others."""
-    cost = lambda d: _whole_cost(lengths[d])  # noqa: E731
+    cost = costs.__getitem__
     for _ in range(4 * len(load)):
         top = max(range(len(load)), key=load.__getitem__)
         best = None  # (new max of the two ranks, document, other rank, document swapped back or None)
+        small = {r: [None, *sorted(whole[r], key=cost)[:_REBALANCE_WIDTH]] for r in range(len(load)) if r != top}
         for d in sorted(whole[top], key=cost, reverse=True)[:_REBALANCE_WIDTH]:
-            for r in range(len(load)):
-                if r == top:
-                    continue
-                for e in [None, *sorted(whole[r], key=cost)[:_REBALANCE_WIDTH]]:
+            for r, others in small.items():
+                for e in others:
                     we, le = (0.0, 0) if e is None else (cost(e), lengths[e])
                     if free[r] + le < lengths[d] or free[top] + lengths[d] < le:
                         continue
@@ -291,39 +375,51 @@ def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengt
         if best is None:
             return
         _, d, r, e = best
-        _move(whole, load, free, lengths, d, top, r)
+        _move(whole, load, free, lengths, costs, d, top, r)
         if e is not None:
-            _move(whole, load, free, lengths, e, r, top)
+            _move(whole, load, free, lengths, costs, e, r, top)
 
 
 _REBALANCE_WIDTH = 16
 """Documents per rank :func:`_rebalance` considers (bounds its work on rows of thousands)."""
 
 
-def _move(whole, load, free, lengths, d: int, src: int, dst: int) -> None:
+def _move(whole, load, free, lengths, costs, d: int, src: int, dst: int) -> None:
     whole[src].remove(d)
     whole[dst].append(d)
-    w = _whole_cost(lengths[d])
-    load[src] -= w
-    load[dst] += w
+    load[src] -= costs[d]
+    load[dst] += costs[d]
     free[src] += lengths[d]
     free[dst] -= lengths[d]
 
 
-def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int]) -> None:
+def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int], head_tail: bool) -> list[list[Run]]:
     """Lay the documents that fit on no rank whole into the ranks' remaining room (``free``), in
-    rank order, a document continuing on the next rank with room (contiguous pieces, stride 1)."""
+    rank order, a document continuing on the next rank with room: as contiguous pieces, or
+    (``head_tail``) cut head and tail over the ranks it covers like a split document. Returns each
+    rank's runs of them."""
+    P = len(runs)
     rank = 0
     for d in spill:
-        g, left = bounds[d], lengths[d]
+        left, sizes = lengths[d], [0] * P
         while left:
             while free[rank] == 0:
                 rank += 1
             take = min(left, free[rank])
-            runs[rank].append(Run(used[rank], take, g, 1, d))
-            used[rank] += take
+            sizes[rank] = take
             free[rank] -= take
-            g, left = g + take, left - take
+            left -= take
+        if head_tail:
+            _place_head_tail(d, bounds[d], sizes, runs, used)
+            continue
+        g = bounds[d]
+        for r in range(P):
+            if sizes[r]:
+                runs[r].append(Run(used[r], sizes[r], g, 1, d))
+                used[r] += sizes[r]
+                g += sizes[r]
+    spilled = set(spill)
+    return [[run for run in x if run.doc in spilled] for x in runs]
 
 
 @functools.lru_cache(maxsize=16)
@@ -384,21 +480,69 @@ def lower_calls(q0: int, k0: int, m: int, n: int, lo: int) -> list[Block]:
 
 def placement_blocks(pl: Placement, rank: int, source: int, causal: bool, window: int | None = None) -> list[Block]:
     """Kernel calls that compute exactly the visible part of the (``rank``, ``source``) block
-    of placement ``pl``: every pair of runs of one document (module docstring)."""
-    calls: list[Block] = []
-    keys = {}
+    of placement ``pl``: every pair of runs of one document (module docstring), with two full
+    calls that share their queries (keys) and have adjacent keys (queries) made one; on the
+    diagonal a document's runs that lie one after another in local and global order may be one
+    causal call instead, where the cost model says that is cheaper."""
+    keys: dict[int, list[Run]] = {}
     for kr in pl.runs[source]:
         keys.setdefault(kr.doc, []).append(kr)
+    whole = _diagonal_calls(pl.runs[rank]) if rank == source and causal and window is None else {}
+    merged = set(whole)
+    calls: list[Block] = []
     for qr in pl.runs[rank]:
+        if qr.doc in merged:
+            calls.extend(whole.pop(qr.doc, ()))  # the document's one call, at its first run
+            continue
         for kr in keys.get(qr.doc, ()):
             if not causal:
-                calls.append(Block(slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length), False))
+                _add(calls, Block(slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length), False))
                 continue
             t, delta = qr.stride, qr.first - kr.first
             lo = -(delta // t)  # ceil(-delta / t)
             hi = None if window is None else (window - 1 - delta) // t
             if hi is None or hi >= qr.length - 1:  # the window cuts nothing: i - j <= m - 1 always
-                calls.extend(lower_calls(qr.local, kr.local, qr.length, kr.length, lo))
+                for b in lower_calls(qr.local, kr.local, qr.length, kr.length, lo):
+                    _add(calls, b)
             else:
                 calls.extend(_band(qr.local, kr.local, qr.length, kr.length, lo, hi))
     return calls
+
+
+def _add(calls: list[Block], b: Block) -> None:
+    """Append full call ``b``, or widen the last call to cover it when both are full calls with
+    the same queries and adjacent keys, or the same keys and adjacent queries (one document's
+    calls only: other documents' runs never share a query or key slice with them)."""
+    last = calls[-1] if calls else None
+    if last is not None and not b.causal and not last.causal and b.band is None and last.band is None:
+        if last.q == b.q and last.k.stop == b.k.start:
+            calls[-1] = Block(last.q, slice(last.k.start, b.k.stop), False)
+            return
+        if last.k == b.k and last.q.stop == b.q.start:
+            calls[-1] = Block(slice(last.q.start, b.q.stop), last.k, False)
+            return
+    calls.append(b)
+
+
+def _diagonal_calls(runs) -> dict[int, list[Block]]:
+    """For the diagonal block (a rank's own keys, causal, no window): the documents with more
+    than one run here whose runs follow each other in local and in global order, for which one
+    causal call over them costs less than their pairwise calls (cost model). Those documents'
+    calls: the single causal call."""
+    by_doc: dict[int, list[Run]] = {}
+    for r in runs:
+        by_doc.setdefault(r.doc, []).append(r)
+    out = {}
+    for d, rs in by_doc.items():
+        if len(rs) < 2 or any(
+            b.local != a.local + a.length or b.first <= a.first + a.stride * (a.length - 1) for a, b in zip(rs, rs[1:])
+        ):
+            continue
+        size = rs[-1].local + rs[-1].length - rs[0].local
+        pairwise = []
+        for qr in rs:
+            for kr in rs:
+                pairwise += lower_calls(qr.local, kr.local, qr.length, kr.length, -((qr.first - kr.first) // qr.stride))
+        if _call_cost(size, size, True) < _calls_cost(pairwise):
+            out[d] = [Block(slice(rs[0].local, rs[0].local + size), slice(rs[0].local, rs[0].local + size), True)]
+    return out
