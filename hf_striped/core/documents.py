@@ -14,12 +14,13 @@ block-diagonal over documents, and each document's part is a *lower* shape, cut 
 :func:`lower_calls` into at most three fused-kernel calls::
 
         keys ->                           lo = 1 (striped, source > rank):
-      . . . . . .                         row 0 sees nothing, then a causal
-      x . . . . .    causal square        square shifted one row down; rows
-      x x . . . .    (rows 1..4)          past the keys' end see every key
-      x x x . . .                         (one full call)
-      x x x x . .
-      x x x x x x    full row
+      . . . . .                           row 0 sees nothing, then a causal
+      x . . . .      causal square        square shifted one row down (its
+      x x . . .      (rows 1..5)          last row sees every key); rows
+      x x x . .                           past it see every key too (one
+      x x x x .                           full call)
+      x x x x x
+      x x x x x      full row
 
 An empty part is skipped, and a window (``window`` tokens, Transformers' convention) adds an
 upper edge ``hi = floor((window - 1 - (a - b)) / t)``, handled as for sliding windows.
@@ -199,17 +200,47 @@ def _split_step_cost(length: int, world_size: int) -> float:
     return CALL_SCORES + (ROW_SCORES + KEY_SCORES) * 0.75 * share + share * share / 2
 
 
+def _head_tail_steps(sizes: list[int]) -> list[list[float]]:
+    """Modelled cost ``[rank][step]`` of the calls :func:`placement_blocks` makes for one document
+    cut head and tail over the ranks, rank r holding ``sizes[r]`` of its tokens (head the larger
+    half; at ring step s rank r sees source (r - s) mod P). A rank's head and tail see the head
+    of a source before it (one call), its tail sees a later source's head and tail (one call);
+    on the diagonal, two causal squares and a full call, or one causal call if cheaper."""
+    P = len(sizes)
+    head = [-(-x // 2) for x in sizes]
+    out = [[0.0] * P for _ in range(P)]
+    for r in range(P):
+        h, t = head[r], sizes[r] - head[r]
+        if h:
+            apart = _call_cost(h, h, True) + (_call_cost(t, h, False) + _call_cost(t, t, True) if t else 0.0)
+            out[r][0] = min(apart, _call_cost(h + t, h + t, True)) if t else apart
+        for s in range(1, P):
+            q = (r - s) % P
+            if q < r and head[q] and sizes[r]:
+                out[r][s] = _call_cost(sizes[r], head[q], False)
+            elif q > r and t and sizes[q]:
+                out[r][s] = _call_cost(t, sizes[q], False)
+    return out
+
+
+def _contiguous_steps(sizes: list[int]) -> list[list[float]]:
+    """As :func:`_head_tail_steps`, for a document laid in rank order as contiguous pieces: a
+    rank's piece sees every earlier rank's piece whole, and its own causally."""
+    P = len(sizes)
+    out = [[0.0] * P for _ in range(P)]
+    for r in range(P):
+        if sizes[r]:
+            out[r][0] = _call_cost(sizes[r], sizes[r], True)
+            for q in range(r):
+                if sizes[q]:
+                    out[r][r - q] = _call_cost(sizes[r], sizes[q], False)
+    return out
+
+
 @functools.lru_cache(maxsize=1024)
 def _split_steps(length: int, world_size: int) -> tuple[tuple[float, ...], ...]:
-    """Modelled cost ``[rank][step]`` of the calls of one document of ``length`` tokens split
-    over ``world_size`` ranks in 2P head-tail chunks (exactly the calls :func:`placement_blocks`
-    makes for it; at ring step s rank r sees source (r - s) mod P)."""
-    P = world_size
-    runs: list[list[Run]] = [[] for _ in range(P)]
-    used = [0] * P
-    _split_document(0, length, 0, runs, used)
-    pl = Placement(P, max(used), tuple(tuple(x) for x in runs), max(used))
-    return tuple(tuple(_calls_cost(placement_blocks(pl, r, (r - s) % P, True)) for s in range(P)) for r in range(P))
+    """:func:`_head_tail_steps` of a document of ``length`` tokens split evenly over all ranks."""
+    return tuple(map(tuple, _head_tail_steps(_split_sizes(length, [0] * world_size))))
 
 
 _PLACEMENT_BUDGET = 6000
@@ -285,13 +316,14 @@ def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Plac
     candidate set of documents to split (:func:`_split_candidates`), those are split over all
     ranks in 2P balanced chunks, the others go whole onto one rank balanced by work, and what fits
     nowhere whole fills the remaining room (contiguously, or head and tail over the ranks it
-    covers); of these placements the one whose modelled critical path (sum over ring steps of the
-    slowest rank's modelled calls) is shortest wins."""
+    covers); the placement whose modelled critical path (sum over ring steps of the slowest rank's
+    modelled calls) is shortest wins. Every candidate is packed largest first; the
+    :data:`_REFINED` best are then rebalanced (:func:`_rebalance`) and compared again."""
     P, c = world_size, n // world_size
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
     costs = [_whole_cost(length) for length in lengths]
-    best = None
-    for split in _split_candidates(lengths, costs, P, c):
+    tried = []  # (modelled path, candidate index, split part, packing, placement)
+    for i, split in enumerate(_split_candidates(lengths, costs, P, c)):
         runs: list[list[Run]] = [[] for _ in range(P)]
         used = [0] * P
         split_path = [[0.0] * P for _ in range(P)]  # [rank][step]
@@ -300,42 +332,65 @@ def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Plac
             for r, row in enumerate(_split_steps(lengths[d], P)):
                 for s, x in enumerate(row):
                     split_path[r][s] += x
-        free = [c - x for x in used]
-        whole, spill, load = _pack_whole(lengths, costs, set(split), free, P)
-        for head_tail in (False, True) if spill else (False,):
-            r2, u2, f2 = [list(x) for x in runs], list(used), list(free)
-            spilled = _fill_spill(spill, lengths, bounds, r2, u2, f2, head_tail)
-            cost = _modelled_path(split_path, spilled, load, P)
-            if best is None or cost < best[0]:
-                best = (cost, r2, u2, whole)
-    _, runs, used, whole = best
+        packed = _pack_whole(lengths, costs, set(split), [c - x for x in used], P)
+        cost, pl = _place_rest(packed, (runs, used, split_path), lengths, bounds, c)
+        tried.append((cost, i, (runs, used, split_path), packed, pl))
+    tried.sort(key=lambda t: t[:2])
+    best_cost, best = tried[0][0], tried[0][4]
+    for _, _, split_part, (whole, load, free, spill), _ in tried[:_REFINED]:
+        whole, load, free = [list(x) for x in whole], list(load), list(free)
+        _rebalance(whole, load, free, lengths, costs)  # moves within the room: the same spill
+        cost, pl = _place_rest((whole, load, free, spill), split_part, lengths, bounds, c)
+        if cost < best_cost:
+            best_cost, best = cost, pl
+    return best
+
+
+_REFINED = 3
+"""Candidate placements :func:`document_placement` rebalances (the best after packing)."""
+
+
+def _place_rest(packed, split_part, lengths, bounds, c: int) -> tuple[float, Placement]:
+    """The placement of one candidate: its split documents (``split_part``: runs, token counts
+    and modelled cost per rank and step), the whole documents (``packed``: per rank, with their
+    load and the room left), and the documents that fit nowhere whole filled into the room left,
+    contiguously or head and tail, whichever the model prefers. Returns (modelled path, placement)."""
+    runs0, used0, split_path = split_part
+    whole, load, free, spill = packed
+    P = len(runs0)
+    best = None
+    for head_tail in (False, True) if spill else (False,):
+        runs, used, room = [list(x) for x in runs0], list(used0), list(free)
+        pieces = _fill_spill(spill, lengths, bounds, runs, used, room, head_tail)
+        cost = _modelled_path(split_path, [(_head_tail_steps if head_tail else _contiguous_steps)(x) for x in pieces],
+                              load, P)
+        if best is None or cost < best[0]:
+            best = (cost, runs, used)
+    cost, runs, used = best
     travel = max(used)
     for r in range(P):
         for d in whole[r]:
             runs[r].append(Run(used[r], lengths[d], bounds[d], 1, d))
             used[r] += lengths[d]
-    return Placement(P, c, tuple(tuple(x) for x in runs), travel)
+    return cost, Placement(P, c, tuple(tuple(x) for x in runs), travel)
 
 
-def _modelled_path(split_path, spilled: list[list[Run]], load: list[float], P: int) -> float:
+def _modelled_path(split_path, spilled: list[list[list[float]]], load: list[float], P: int) -> float:
     """Modelled critical path of a placement: per ring step the slowest rank's calls, summed; the
-    split documents' calls (``split_path[rank][step]``), the spilled pieces' calls (``spilled``:
-    each rank's runs of them) and the whole documents (``load``, at step 0 only)."""
-    pieces = Placement(P, 0, tuple(tuple(x) for x in spilled), 0)
+    split documents' calls (``split_path[rank][step]``), each spilled document's (``spilled``, the
+    same) and the whole documents (``load``, at step 0 only)."""
     total = 0.0
     for s in range(P):
         total += max(
-            split_path[r][s] + (load[r] if s == 0 else 0.0)
-            + (_calls_cost(placement_blocks(pieces, r, (r - s) % P, True)) if spilled[r] else 0.0)
-            for r in range(P)
+            split_path[r][s] + (load[r] if s == 0 else 0.0) + sum(x[r][s] for x in spilled) for r in range(P)
         )
     return total
 
 
 def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free: list[int], P: int):
-    """Largest first onto the least loaded rank with room (``free``, updated), then
-    :func:`_rebalance`: returns the documents each rank holds whole, those that fit on no rank (to
-    be split), in order, and each rank's modelled load."""
+    """Largest first onto the least loaded rank with room (``free``, updated): returns the
+    documents each rank holds whole, each rank's modelled load, the room left, and the documents
+    that fit on no rank (to be spilled), in order."""
     load = [0.0] * P
     whole: list[list[int]] = [[] for _ in range(P)]
     spill = []
@@ -348,8 +403,7 @@ def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free:
         whole[r].append(d)
         load[r] += costs[d]
         free[r] -= length
-    _rebalance(whole, load, free, lengths, costs)
-    return whole, sorted(spill), load
+    return whole, load, free, sorted(spill)
 
 
 def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int],
@@ -393,13 +447,13 @@ def _move(whole, load, free, lengths, costs, d: int, src: int, dst: int) -> None
     free[dst] -= lengths[d]
 
 
-def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int], head_tail: bool) -> list[list[Run]]:
+def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int], head_tail: bool) -> list[list[int]]:
     """Lay the documents that fit on no rank whole into the ranks' remaining room (``free``), in
     rank order, a document continuing on the next rank with room: as contiguous pieces, or
-    (``head_tail``) cut head and tail over the ranks it covers like a split document. Returns each
-    rank's runs of them."""
+    (``head_tail``) cut head and tail over the ranks it covers like a split document. Returns
+    each document's tokens per rank."""
     P = len(runs)
-    rank = 0
+    rank, out = 0, []
     for d in spill:
         left, sizes = lengths[d], [0] * P
         while left:
@@ -409,6 +463,7 @@ def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int], 
             sizes[rank] = take
             free[rank] -= take
             left -= take
+        out.append(sizes)
         if head_tail:
             _place_head_tail(d, bounds[d], sizes, runs, used)
             continue
@@ -418,8 +473,7 @@ def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int], 
                 runs[r].append(Run(used[r], sizes[r], g, 1, d))
                 used[r] += sizes[r]
                 g += sizes[r]
-    spilled = set(spill)
-    return [[run for run in x if run.doc in spilled] for x in runs]
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -462,9 +516,10 @@ def unshard_placed(parts: list[torch.Tensor], dim: int, layout: str, bounds: tup
 def lower_calls(q0: int, k0: int, m: int, n: int, lo: int) -> list[Block]:
     """Kernel calls for rows ``[q0, q0 + m)`` against keys ``[k0, k0 + n)`` where row i sees key
     j iff ``j <= i - lo`` (call-local indices): a full call for keys every seeing row sees, a
-    causal square, and a full call for rows that see every key; empty ones are left out."""
+    causal square (as far as its keys reach: a document's own diagonal is one causal call), and a
+    full call for the rows past it, which see every key; empty ones are left out."""
     start = min(m, max(0, lo))  # rows before it see nothing
-    every = min(m, max(start, n - 1 + lo))  # rows from here on see every key
+    every = min(m, max(start, n + lo))  # rows from here on see every key past the causal square
     left = max(0, -lo)  # keys every row from `start` on sees
     calls = []
     if every > start:
