@@ -26,15 +26,18 @@ An empty part is skipped, and a window (``window`` tokens, Transformers' convent
 upper edge ``hi = floor((window - 1 - (a - b)) / t)``, handled as for sliding windows.
 
 **Placements.** The plain layouts keep their token positions and split their runs at document
-boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): a
-cost model (:func:`_choose_split`: each call's fixed cost plus its scores, causal calls rounded to
-the CPU op's key tiles) picks the documents to split over all ranks (every document longer than a
-rank's share, plus the largest others while that shortens the modelled critical path); each is cut
-into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (head and tail: every rank the
-same share of its causal work, and, unlike striping it, a diagonal only once, which matters on
-kernels that skip masked keys in whole tiles). The other documents are placed whole on one rank,
-largest work first onto the least loaded rank, then rebalanced by moves and swaps; those that fit
-nowhere whole fill the remaining room contiguously (split between neighbouring ranks). Each rank
+boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): some documents
+are split over all ranks, each cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r
+(head and tail: every rank the same share of its causal work, and, unlike striping it, a diagonal
+only once, which matters on kernels that skip masked keys in whole tiles). The others are placed
+whole on one rank, largest work first onto the least loaded rank; those that fit nowhere whole fill
+the remaining room (contiguous pieces on neighbouring ranks, or head and tail over those ranks).
+Which documents to split is decided by building the placement for each candidate (every document
+longer than a rank's share, plus the k largest others, k <= 3P) and keeping the one whose modelled
+critical path is shortest: per ring step the slowest rank's calls, each costing a fixed part, a part
+per query row and per key, and its scores (causal calls rounded to the CPU op's key tiles), summed
+over steps; the best few candidates are also rebalanced (moves and swaps of one or two documents
+between the most loaded rank and another) and compared again. Each rank
 keeps its split tokens first, so only the local prefix ``[0, travel)`` is ever seen by another
 rank: ring messages carry only it, and whole documents need no ring step at all. Every rank holds
 exactly N / P tokens; no document is padded.
@@ -164,15 +167,17 @@ def _work(length: int) -> int:
     return length * (length + 1) // 2
 
 
-CALL_SCORES = 3300
+CALL_SCORES = 3000
 """What one kernel call costs beyond its scores, in scores (PyTorch's CPU flash op with the
-ring's merge; fitted to the per-(rank, step) block times of ``scripts/bench_packed.py``, together
-with :data:`ROW_SCORES`, :data:`KEY_SCORES` and :data:`CAUSAL_TILE`); the placement's cost model
-uses them."""
-ROW_SCORES = 38
-"""What each query row of a call costs beyond its scores (the merge of its output, its dq)."""
-KEY_SCORES = 16
-"""What each key of a call costs beyond its scores (its share of dk and dv)."""
+ring's merge and gradient accumulation), with :data:`ROW_SCORES`, :data:`KEY_SCORES` and
+:data:`CAUSAL_TILE`: the placement's cost model, fitted to the per-(rank, step) block times of
+``scripts/bench_packed.py`` (fwd + bwd, one thread; rms error about 5%). The per-row and per-key
+costs are memory traffic and vary by host: an Intel Xeon gave these, an AMD EPYC about 3300, 38
+and 16; the placements either picks differ little (a few rows of chat/code mixes at P = 4-8)."""
+ROW_SCORES = 80
+"""What each query row of a call costs beyond its scores (merging its output, adding its dq)."""
+KEY_SCORES = 48
+"""What each key of a call costs beyond its scores (adding its dk and dv)."""
 CAUSAL_TILE = 512
 """Keys per tile the CPU op's causal mode skips whole: a causal call of L tokens costs about
 ``L * (L + min(L, CAUSAL_TILE)) / 2`` scores (shorter calls compute their masked part too)."""
@@ -408,34 +413,49 @@ def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free:
 
 def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int],
                costs: list[float]) -> None:
-    """Lower the most loaded rank's whole-document work by moving one of its documents to another
-    rank, or swapping it for a smaller one there, while the room allows and it helps (room that
-    frees up is filled by the spilled documents afterwards, so token counts stay exact). Bounded:
-    a few rounds over the largest documents of the top rank and the smallest of the others."""
-    cost = costs.__getitem__
-    for _ in range(4 * len(load)):
-        top = max(range(len(load)), key=load.__getitem__)
-        best = None  # (new max of the two ranks, document, other rank, document swapped back or None)
-        small = {r: [None, *sorted(whole[r], key=cost)[:_REBALANCE_WIDTH]] for r in range(len(load)) if r != top}
-        for d in sorted(whole[top], key=cost, reverse=True)[:_REBALANCE_WIDTH]:
-            for r, others in small.items():
-                for e in others:
-                    we, le = (0.0, 0) if e is None else (cost(e), lengths[e])
-                    if free[r] + le < lengths[d] or free[top] + lengths[d] < le:
+    """Lower the most loaded rank's whole-document work by moving one or two of its documents to
+    another rank, or swapping them for one or two smaller ones there, while the room allows and it
+    helps (the room left stays what the spilled documents fill, so token counts stay exact).
+    Bounded: a few rounds over the largest documents of the top rank and the smallest of the
+    others (pairs among the first :data:`_PAIR_WIDTH` of each)."""
+    P = len(load)
+    for _ in range(4 * P):
+        top = max(range(P), key=load.__getitem__)
+        mine = _groups(sorted(whole[top], key=costs.__getitem__, reverse=True), costs, lengths)[1:]
+        best = None  # (new max of the two ranks, documents given, other rank, documents taken back)
+        for r in range(P):
+            if r == top:
+                continue
+            theirs = _groups(sorted(whole[r], key=costs.__getitem__), costs, lengths)
+            for give, wd, ld in mine:
+                for take, we, le in theirs:
+                    if we >= wd or free[r] + le < ld or free[top] + ld < le:
                         continue
-                    after = max(load[top] - cost(d) + we, load[r] + cost(d) - we)
+                    after = max(load[top] - wd + we, load[r] + wd - we)
                     if after < load[top] - 1e-9 and (best is None or after < best[0]):
-                        best = (after, d, r, e)
+                        best = (after, give, r, take)
         if best is None:
             return
-        _, d, r, e = best
-        _move(whole, load, free, lengths, costs, d, top, r)
-        if e is not None:
+        _, give, r, take = best
+        for d in give:
+            _move(whole, load, free, lengths, costs, d, top, r)
+        for e in take:
             _move(whole, load, free, lengths, costs, e, r, top)
+
+
+def _groups(docs: list[int], costs, lengths) -> list[tuple[tuple[int, ...], float, int]]:
+    """Nothing, each of the first :data:`_REBALANCE_WIDTH` documents, and each pair of the first
+    :data:`_PAIR_WIDTH`, with their cost and tokens."""
+    out = [((), 0.0, 0)] + [((d,), costs[d], lengths[d]) for d in docs[:_REBALANCE_WIDTH]]
+    head = docs[:_PAIR_WIDTH]
+    out += [((d, e), costs[d] + costs[e], lengths[d] + lengths[e]) for i, d in enumerate(head) for e in head[i + 1:]]
+    return out
 
 
 _REBALANCE_WIDTH = 16
 """Documents per rank :func:`_rebalance` considers (bounds its work on rows of thousands)."""
+_PAIR_WIDTH = 6
+"""Documents per rank whose pairs :func:`_rebalance` considers."""
 
 
 def _move(whole, load, free, lengths, costs, d: int, src: int, dst: int) -> None:
