@@ -367,8 +367,8 @@ def _place_rest(packed, split_part, lengths, bounds, c: int) -> tuple[float, Pla
     for head_tail in (False, True) if spill else (False,):
         runs, used, room = [list(x) for x in runs0], list(used0), list(free)
         pieces = _fill_spill(spill, lengths, bounds, runs, used, room, head_tail)
-        cost = _modelled_path(split_path, [(_head_tail_steps if head_tail else _contiguous_steps)(x) for x in pieces],
-                              load, P)
+        steps = _head_tail_steps if head_tail else _contiguous_steps
+        cost = _modelled_path(split_path, [steps(x) for x in pieces], load, P)
         if best is None or cost < best[0]:
             best = (cost, runs, used)
     cost, runs, used = best
@@ -401,7 +401,8 @@ def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free:
     spill = []
     for d in sorted((d for d in range(len(lengths)) if d not in striped), key=lambda d: (-lengths[d], d)):
         length = lengths[d]
-        r = min((r for r in range(P) if free[r] >= length), key=lambda r: (load[r], -free[r], r), default=None)
+        fits = (r for r in range(P) if free[r] >= length)
+        r = min(fits, key=lambda r: (load[r], -free[r], r), default=None)
         if r is None:
             spill.append(d)
             continue
@@ -448,7 +449,8 @@ def _groups(docs: list[int], costs, lengths) -> list[tuple[tuple[int, ...], floa
     :data:`_PAIR_WIDTH`, with their cost and tokens."""
     out = [((), 0.0, 0)] + [((d,), costs[d], lengths[d]) for d in docs[:_REBALANCE_WIDTH]]
     head = docs[:_PAIR_WIDTH]
-    out += [((d, e), costs[d] + costs[e], lengths[d] + lengths[e]) for i, d in enumerate(head) for e in head[i + 1:]]
+    for i, d in enumerate(head):
+        out += [((d, e), costs[d] + costs[e], lengths[d] + lengths[e]) for e in head[i + 1:]]
     return out
 
 
@@ -467,7 +469,8 @@ def _move(whole, load, free, lengths, costs, d: int, src: int, dst: int) -> None
     free[dst] -= lengths[d]
 
 
-def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int], head_tail: bool) -> list[list[int]]:
+def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int],
+                head_tail: bool) -> list[list[int]]:
     """Lay the documents that fit on no rank whole into the ranks' remaining room (``free``), in
     rank order, a document continuing on the next rank with room: as contiguous pieces, or
     (``head_tail``) cut head and tail over the ranks it covers like a split document. Returns
@@ -571,7 +574,8 @@ def placement_blocks(pl: Placement, rank: int, source: int, causal: bool, window
             continue
         for kr in keys.get(qr.doc, ()):
             if not causal:
-                _add(calls, Block(slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length), False))
+                q, k = slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length)
+                _add(calls, Block(q, k, False))
                 continue
             t, delta = qr.stride, qr.first - kr.first
             lo = -(delta // t)  # ceil(-delta / t)
@@ -610,14 +614,17 @@ def _diagonal_calls(runs) -> dict[int, list[Block]]:
     out = {}
     for d, rs in by_doc.items():
         if len(rs) < 2 or any(
-            b.local != a.local + a.length or b.first <= a.first + a.stride * (a.length - 1) for a, b in zip(rs, rs[1:])
+            b.local != a.local + a.length or b.first <= a.first + a.stride * (a.length - 1)
+            for a, b in zip(rs, rs[1:])
         ):
             continue
         size = rs[-1].local + rs[-1].length - rs[0].local
         pairwise = []
         for qr in rs:
             for kr in rs:
-                pairwise += lower_calls(qr.local, kr.local, qr.length, kr.length, -((qr.first - kr.first) // qr.stride))
+                lo = -((qr.first - kr.first) // qr.stride)
+                pairwise += lower_calls(qr.local, kr.local, qr.length, kr.length, lo)
         if _call_cost(size, size, True) < _calls_cost(pairwise):
-            out[d] = [Block(slice(rs[0].local, rs[0].local + size), slice(rs[0].local, rs[0].local + size), True)]
+            span = slice(rs[0].local, rs[0].local + size)
+            out[d] = [Block(span, span, True)]
     return out
