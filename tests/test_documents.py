@@ -127,6 +127,44 @@ def test_split_documents_keep_every_rank_within_one_token():
     assert max(split) - min(split) <= 1, split
 
 
+def test_documents_take_one_kernel_call_per_document_and_step():
+    P, c = 4, 64
+    lengths = [200, 20, 12, 10, 8, 6]  # one document split over every rank, one spilled
+    pl = placement("striped", P, P * c, _bounds(lengths))
+    for r in range(P):
+        docs = [{run.doc for run in pl.runs[x]} for x in range(P)]
+        diag = placement_blocks(pl, r, r, True)
+        for run in pl.runs[r]:
+            if sum(other.doc == run.doc for other in pl.runs[r]) == 1:  # a whole document, or one piece
+                assert sum(b.q.start >= run.local and b.q.stop <= run.local + run.length for b in diag) == 1
+        for s in range(P):
+            if s != r:  # of each shared document, a source's head, or head and tail: one call
+                assert len(placement_blocks(pl, r, s, True)) <= len(docs[r] & docs[s])
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 700), min_size=2, max_size=8), head_tail=st.booleans())
+def test_cost_model_prices_the_calls_placement_blocks_makes(sizes, head_tail):
+    from hf_striped.core import documents as D
+
+    P = len(sizes)
+    runs = [[] for _ in range(P)]
+    used = [0] * P
+    if head_tail:
+        D._place_head_tail(0, 0, sizes, runs, used)
+    else:
+        first = 0
+        for r, size in enumerate(sizes):
+            if size:
+                runs[r].append(D.Run(0, size, first, 1, 0))
+                first += size
+    pl = D.Placement(P, max(sizes), tuple(tuple(x) for x in runs), max(sizes))
+    table = (D._head_tail_steps if head_tail else D._contiguous_steps)(sizes)
+    for r in range(P):
+        for s in range(P):
+            assert table[r][s] == pytest.approx(D._calls_cost(placement_blocks(pl, r, (r - s) % P, True)))
+
+
 def test_a_row_of_short_documents_needs_no_ring_messages():
     P = 4
     lengths = [8] * 16  # 4 whole documents per rank

@@ -14,26 +14,30 @@ block-diagonal over documents, and each document's part is a *lower* shape, cut 
 :func:`lower_calls` into at most three fused-kernel calls::
 
         keys ->                           lo = 1 (striped, source > rank):
-      . . . . . .                         row 0 sees nothing, then a causal
-      x . . . . .    causal square        square shifted one row down; rows
-      x x . . . .    (rows 1..4)          past the keys' end see every key
-      x x x . . .                         (one full call)
-      x x x x . .
-      x x x x x x    full row
+      . . . . .                           row 0 sees nothing, then a causal
+      x . . . .      causal square        square shifted one row down (its
+      x x . . .      (rows 1..5)          last row sees every key); rows
+      x x x . .                           past it see every key too (one
+      x x x x .                           full call)
+      x x x x x
+      x x x x x      full row
 
 An empty part is skipped, and a window (``window`` tokens, Transformers' convention) adds an
 upper edge ``hi = floor((window - 1 - (a - b)) / t)``, handled as for sliding windows.
 
 **Placements.** The plain layouts keep their token positions and split their runs at document
-boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): a
-cost model (:func:`_choose_split`: each call's fixed cost plus its scores, causal calls rounded to
-the CPU op's key tiles) picks the documents to split over all ranks (every document longer than a
-rank's share, plus the largest others while that shortens the modelled critical path); each is cut
-into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (head and tail: every rank the
-same share of its causal work, and, unlike striping it, a diagonal only once, which matters on
-kernels that skip masked keys in whole tiles). The other documents are placed whole on one rank,
-largest work first onto the least loaded rank, then rebalanced by moves and swaps; those that fit
-nowhere whole fill the remaining room contiguously (split between neighbouring ranks). Each rank
+boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): some documents
+are split over all ranks, each cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r
+(head and tail: every rank the same share of its causal work, and, unlike striping it, a diagonal
+only once, which matters on kernels that skip masked keys in whole tiles). The others are placed
+whole on one rank, largest work first onto the least loaded rank; those that fit nowhere whole fill
+the remaining room (contiguous pieces on neighbouring ranks, or head and tail over those ranks).
+Which documents to split is decided by building the placement for each candidate (every document
+longer than a rank's share, plus the k largest others, k <= 3P) and keeping the one whose modelled
+critical path is shortest: per ring step the slowest rank's calls, each costing a fixed part, a part
+per query row and per key, and its scores (causal calls rounded to the CPU op's key tiles), summed
+over steps; the best few candidates are also rebalanced (moves and swaps of one or two documents
+between the most loaded rank and another) and compared again. Each rank
 keeps its split tokens first, so only the local prefix ``[0, travel)`` is ever seen by another
 rank: ring messages carry only it, and whole documents need no ring step at all. Every rank holds
 exactly N / P tokens; no document is padded.
@@ -43,7 +47,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import heapq
 from dataclasses import dataclass
 
 import torch
@@ -164,57 +167,137 @@ def _work(length: int) -> int:
     return length * (length + 1) // 2
 
 
-CALL_SCORES = 6000
+CALL_SCORES = 3000
 """What one kernel call costs beyond its scores, in scores (PyTorch's CPU flash op with the
-ring's merge, measured by ``scripts/bench_packed.py``); the placement's cost model uses it."""
+ring's merge and gradient accumulation), with :data:`ROW_SCORES`, :data:`KEY_SCORES` and
+:data:`CAUSAL_TILE`: the placement's cost model, fitted to the per-(rank, step) block times of
+``scripts/bench_packed.py`` (fwd + bwd, one thread; rms error about 5%). The per-row and per-key
+costs are memory traffic and vary by host: an Intel Xeon gave these, an AMD EPYC about 3300, 38
+and 16; the placements either picks differ little (a few rows of chat/code mixes at P = 4-8)."""
+ROW_SCORES = 80
+"""What each query row of a call costs beyond its scores (merging its output, adding its dq)."""
+KEY_SCORES = 48
+"""What each key of a call costs beyond its scores (adding its dk and dv)."""
 CAUSAL_TILE = 512
 """Keys per tile the CPU op's causal mode skips whole: a causal call of L tokens costs about
-``L * (L + CAUSAL_TILE) / 2`` scores."""
+``L * (L + min(L, CAUSAL_TILE)) / 2`` scores (shorter calls compute their masked part too)."""
+
+
+def _call_cost(m: int, n: int, causal: bool) -> float:
+    """Modelled cost of one kernel call of ``m`` queries and ``n`` keys, in scores."""
+    scores = m * (m + min(m, CAUSAL_TILE)) / 2 if causal else m * n
+    return CALL_SCORES + ROW_SCORES * m + KEY_SCORES * n + scores
+
+
+def _calls_cost(calls: list[Block]) -> float:
+    return sum(_call_cost(b.q.stop - b.q.start, b.k.stop - b.k.start, b.causal) for b in calls)
 
 
 def _whole_cost(length: int) -> float:
     """Modelled cost of a document attended to whole, in one causal call."""
-    return CALL_SCORES + length * (length + min(length, CAUSAL_TILE)) / 2
+    return _call_cost(length, length, True)
 
 
-def _split_cost(length: int, world_size: int) -> float:
-    """Modelled cost, per rank and ring step, of a document split in 2P chunks (head-tail):
-    every step is about half of a (L / P)^2 block, in two calls."""
+def _split_step_cost(length: int, world_size: int) -> float:
+    """Rough modelled cost, per rank and ring step, of a document split in 2P chunks (head-tail):
+    about half of an (L / P)^2 block in one call (used only to rank candidates cheaply)."""
     share = length / world_size
-    return 2 * CALL_SCORES + share * share / 2
+    return CALL_SCORES + (ROW_SCORES + KEY_SCORES) * 0.75 * share + share * share / 2
 
 
-def _choose_split(lengths: list[int], P: int, c: int) -> set[int]:
-    """The documents to split over all ranks: those longer than a rank's share, plus the ``k``
-    largest others (k <= 3P) for the ``k`` whose modelled critical path is shortest (the slowest
-    rank's whole documents at step 0, plus P steps of every split document's per-step part)."""
+def _head_tail_steps(sizes: list[int]) -> list[list[float]]:
+    """Modelled cost ``[rank][step]`` of the calls :func:`placement_blocks` makes for one document
+    cut head and tail over the ranks, rank r holding ``sizes[r]`` of its tokens (head the larger
+    half; at ring step s rank r sees source (r - s) mod P). A rank's head and tail see the head
+    of a source before it (one call), its tail sees a later source's head and tail (one call);
+    on the diagonal, two causal squares and a full call, or one causal call if cheaper."""
+    P = len(sizes)
+    head = [-(-x // 2) for x in sizes]
+    out = [[0.0] * P for _ in range(P)]
+    for r in range(P):
+        h, t = head[r], sizes[r] - head[r]
+        if h:
+            apart = _call_cost(h, h, True) + (_call_cost(t, h, False) + _call_cost(t, t, True) if t else 0.0)
+            out[r][0] = min(apart, _call_cost(h + t, h + t, True)) if t else apart
+        for s in range(1, P):
+            q = (r - s) % P
+            if q < r and head[q] and sizes[r]:
+                out[r][s] = _call_cost(sizes[r], head[q], False)
+            elif q > r and t and sizes[q]:
+                out[r][s] = _call_cost(t, sizes[q], False)
+    return out
+
+
+def _contiguous_steps(sizes: list[int]) -> list[list[float]]:
+    """As :func:`_head_tail_steps`, for a document laid in rank order as contiguous pieces: a
+    rank's piece sees every earlier rank's piece whole, and its own causally."""
+    P = len(sizes)
+    out = [[0.0] * P for _ in range(P)]
+    for r in range(P):
+        if sizes[r]:
+            out[r][0] = _call_cost(sizes[r], sizes[r], True)
+            for q in range(r):
+                if sizes[q]:
+                    out[r][r - q] = _call_cost(sizes[r], sizes[q], False)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_steps(length: int, world_size: int) -> tuple[tuple[float, ...], ...]:
+    """:func:`_head_tail_steps` of a document of ``length`` tokens split evenly over all ranks."""
+    return tuple(map(tuple, _head_tail_steps(_split_sizes(length, [0] * world_size))))
+
+
+_PLACEMENT_BUDGET = 6000
+"""Documents packed in all (bounds the candidates :func:`document_placement` builds: every one of
+up to 3P + 1 for rows of up to a few hundred documents, at least two for rows of thousands)."""
+
+
+def _split_candidates(lengths: list[int], costs: list[float], P: int, c: int) -> list[list[int]]:
+    """The sets of documents to split that :func:`document_placement` builds and compares: those
+    longer than a rank's share plus the ``k`` largest others, for every ``k <= 3P`` (for long rows
+    only the ``k`` a rough model ranks best: whole documents spread evenly, but no rank less than
+    the largest of them, plus P steps of every split document's per-step part)."""
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     forced = [d for d in order if lengths[d] > c]
     rest = [d for d in order if lengths[d] <= c]
-    best, best_k = None, 0
-    for k in range(0, min(len(rest), 3 * P) + 1):
-        per_step = sum(_split_cost(lengths[d], P) for d in forced + rest[:k])
-        loads = [(0.0, r) for r in range(P)]  # largest first onto the least loaded rank, as a heap
-        for d in rest[k:]:  # (room is the packer's concern, not the model's)
-            load, r = heapq.heappop(loads)
-            heapq.heappush(loads, (load + _whole_cost(lengths[d]), r))
-        cost = max(load for load, _ in loads) + P * per_step
-        if best is None or cost < best:
-            best, best_k = cost, k
-    return set(forced + rest[:best_k])
+    top = min(len(rest), 3 * P)
+    keep = max(2, min(top + 1, _PLACEMENT_BUDGET // max(1, len(lengths))))
+    if keep < top + 1:
+        per_step = sum(_split_step_cost(lengths[d], P) for d in forced)
+        whole = sum(costs[d] for d in rest)
+        rough = []
+        for k in range(top + 1):
+            largest = costs[rest[k]] if k < len(rest) else 0.0
+            rough.append((max(whole / P, largest) + P * per_step, k))
+            if k < len(rest):
+                per_step += _split_step_cost(lengths[rest[k]], P)
+                whole -= costs[rest[k]]
+        ks = sorted(k for _, k in sorted(rough)[:keep])
+    else:
+        ks = list(range(top + 1))
+    return [forced + rest[:k] for k in ks]
 
 
-def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> None:
-    """Document ``d`` cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (each
-    rank the same share of its causal work); the tokens left over by an uneven cut go to the
-    ranks holding the fewest tokens so far, so every rank's count stays within one of the others."""
-    P = len(runs)
+def _split_sizes(length: int, used: list[int]) -> list[int]:
+    """Each rank's share of a document split over all ranks: equal, the tokens left over by an
+    uneven cut going to the ranks holding the fewest tokens so far (at most two more per rank), so
+    every rank's count stays within one of the others."""
+    P = len(used)
     base, extra = divmod(length, 2 * P)
-    sizes = {r: 2 * base for r in range(P)}
+    sizes = [2 * base] * P
     for _ in range(2):  # at most two extra tokens per rank, one per chunk
         for r in sorted(range(P), key=lambda r: (used[r] + sizes[r], r))[:extra]:
             sizes[r] += 1
             extra -= 1
+    return sizes
+
+
+def _place_head_tail(d: int, first: int, sizes: list[int], runs, used: list[int]) -> None:
+    """Document ``d`` (global start ``first``) cut into 2P contiguous chunks, rank r holding
+    chunks r and 2P - 1 - r, ``sizes[r]`` tokens in all (head the larger half), stored at the end
+    of its local tokens: head, then tail."""
+    P = len(runs)
     chunk = [0] * (2 * P)
     for r in range(P):
         chunk[r], chunk[2 * P - 1 - r] = -(-sizes[r] // 2), sizes[r] // 2
@@ -227,103 +310,193 @@ def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> N
         start += size
 
 
+def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> None:
+    """Document ``d`` cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (each
+    rank the same share of its causal work, see :func:`_split_sizes`)."""
+    _place_head_tail(d, first, _split_sizes(length, used), runs, used)
+
+
 def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Placement:
-    """The ``striped`` layout's placement of packed documents (module docstring): the documents
-    a cost model picks are split over all ranks in 2P balanced chunks, the others go whole onto one
-    rank balanced by work, and what fits nowhere whole fills the remaining room."""
+    """The ``striped`` layout's placement of packed documents (module docstring): for every
+    candidate set of documents to split (:func:`_split_candidates`), those are split over all
+    ranks in 2P balanced chunks, the others go whole onto one rank balanced by work, and what fits
+    nowhere whole fills the remaining room (contiguously, or head and tail over the ranks it
+    covers); the placement whose modelled critical path (sum over ring steps of the slowest rank's
+    modelled calls) is shortest wins. Every candidate is packed largest first; the
+    :data:`_REFINED` best are then rebalanced (:func:`_rebalance`) and compared again."""
     P, c = world_size, n // world_size
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    split = _choose_split(lengths, P, c)
-    runs: list[list[Run]] = [[] for _ in range(P)]
-    used = [0] * P
-    for d in sorted(split):
-        _split_document(d, lengths[d], bounds[d], runs, used)
-    free = [c - x for x in used]
-    whole, spill = _pack_whole(lengths, split, free, P)
-    _fill_spill(spill, lengths, bounds, runs, used, free)
+    costs = [_whole_cost(length) for length in lengths]
+    tried = []  # (modelled path, candidate index, split part, packing, placement)
+    for i, split in enumerate(_split_candidates(lengths, costs, P, c)):
+        runs: list[list[Run]] = [[] for _ in range(P)]
+        used = [0] * P
+        split_path = [[0.0] * P for _ in range(P)]  # [rank][step]
+        for d in sorted(split):
+            _split_document(d, lengths[d], bounds[d], runs, used)
+            for r, row in enumerate(_split_steps(lengths[d], P)):
+                for s, x in enumerate(row):
+                    split_path[r][s] += x
+        packed = _pack_whole(lengths, costs, set(split), [c - x for x in used], P)
+        cost, pl = _place_rest(packed, (runs, used, split_path), lengths, bounds, c)
+        tried.append((cost, i, (runs, used, split_path), packed, pl))
+    tried.sort(key=lambda t: t[:2])
+    best_cost, best = tried[0][0], tried[0][4]
+    for _, _, split_part, (whole, load, free, spill), _ in tried[:_REFINED]:
+        whole, load, free = [list(x) for x in whole], list(load), list(free)
+        _rebalance(whole, load, free, lengths, costs)  # moves within the room: the same spill
+        cost, pl = _place_rest((whole, load, free, spill), split_part, lengths, bounds, c)
+        if cost < best_cost:
+            best_cost, best = cost, pl
+    return best
+
+
+_REFINED = 3
+"""Candidate placements :func:`document_placement` rebalances (the best after packing)."""
+
+
+def _place_rest(packed, split_part, lengths, bounds, c: int) -> tuple[float, Placement]:
+    """The placement of one candidate: its split documents (``split_part``: runs, token counts
+    and modelled cost per rank and step), the whole documents (``packed``: per rank, with their
+    load and the room left), and the documents that fit nowhere whole filled into the room left,
+    contiguously or head and tail, whichever the model prefers. Returns (modelled path, placement)."""
+    runs0, used0, split_path = split_part
+    whole, load, free, spill = packed
+    P = len(runs0)
+    best = None
+    for head_tail in (False, True) if spill else (False,):
+        runs, used, room = [list(x) for x in runs0], list(used0), list(free)
+        pieces = _fill_spill(spill, lengths, bounds, runs, used, room, head_tail)
+        steps = _head_tail_steps if head_tail else _contiguous_steps
+        cost = _modelled_path(split_path, [steps(x) for x in pieces], load, P)
+        if best is None or cost < best[0]:
+            best = (cost, runs, used)
+    cost, runs, used = best
     travel = max(used)
     for r in range(P):
         for d in whole[r]:
             runs[r].append(Run(used[r], lengths[d], bounds[d], 1, d))
             used[r] += lengths[d]
-    return Placement(P, c, tuple(tuple(x) for x in runs), travel)
+    return cost, Placement(P, c, tuple(tuple(x) for x in runs), travel)
 
 
-def _pack_whole(lengths: list[int], striped: set[int], free: list[int], P: int):
-    """Largest work first onto the least loaded rank with room (``free``, updated): returns the
-    documents each rank holds whole, and those that fit on no rank (to be split), in order."""
-    load = [0] * P
+def _modelled_path(split_path, spilled: list[list[list[float]]], load: list[float], P: int) -> float:
+    """Modelled critical path of a placement: per ring step the slowest rank's calls, summed; the
+    split documents' calls (``split_path[rank][step]``), each spilled document's (``spilled``, the
+    same) and the whole documents (``load``, at step 0 only)."""
+    total = 0.0
+    for s in range(P):
+        total += max(
+            split_path[r][s] + (load[r] if s == 0 else 0.0) + sum(x[r][s] for x in spilled) for r in range(P)
+        )
+    return total
+
+
+def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free: list[int], P: int):
+    """Largest first onto the least loaded rank with room (``free``, updated): returns the
+    documents each rank holds whole, each rank's modelled load, the room left, and the documents
+    that fit on no rank (to be spilled), in order."""
+    load = [0.0] * P
     whole: list[list[int]] = [[] for _ in range(P)]
     spill = []
     for d in sorted((d for d in range(len(lengths)) if d not in striped), key=lambda d: (-lengths[d], d)):
-        fits = [r for r in range(P) if free[r] >= lengths[d]]
-        if not fits:
+        length = lengths[d]
+        fits = (r for r in range(P) if free[r] >= length)
+        r = min(fits, key=lambda r: (load[r], -free[r], r), default=None)
+        if r is None:
             spill.append(d)
             continue
-        r = min(fits, key=lambda r: (load[r], -free[r], r))
         whole[r].append(d)
-        load[r] += _whole_cost(lengths[d])
-        free[r] -= lengths[d]
-    _rebalance(whole, load, free, lengths)
-    return whole, sorted(spill)
+        load[r] += costs[d]
+        free[r] -= length
+    return whole, load, free, sorted(spill)
 
 
-def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int]) -> None:
-    """Lower the most loaded rank's whole-document work by moving one of its documents to another
-    rank, or swapping it for a smaller one there, while the room allows and it helps (room that
-    frees up is filled by the split documents afterwards, so token counts stay exact). Bounded:
-    a few rounds over the largest documents of the top rank and the smallest of the others."""
-    cost = lambda d: _whole_cost(lengths[d])  # noqa: E731
-    for _ in range(4 * len(load)):
-        top = max(range(len(load)), key=load.__getitem__)
-        best = None  # (new max of the two ranks, document, other rank, document swapped back or None)
-        for d in sorted(whole[top], key=cost, reverse=True)[:_REBALANCE_WIDTH]:
-            for r in range(len(load)):
-                if r == top:
-                    continue
-                for e in [None, *sorted(whole[r], key=cost)[:_REBALANCE_WIDTH]]:
-                    we, le = (0.0, 0) if e is None else (cost(e), lengths[e])
-                    if free[r] + le < lengths[d] or free[top] + lengths[d] < le:
+def _rebalance(whole: list[list[int]], load: list[float], free: list[int], lengths: list[int],
+               costs: list[float]) -> None:
+    """Lower the most loaded rank's whole-document work by moving one or two of its documents to
+    another rank, or swapping them for one or two smaller ones there, while the room allows and it
+    helps (the room left stays what the spilled documents fill, so token counts stay exact).
+    Bounded: a few rounds over the largest documents of the top rank and the smallest of the
+    others (pairs among the first :data:`_PAIR_WIDTH` of each)."""
+    P = len(load)
+    for _ in range(4 * P):
+        top = max(range(P), key=load.__getitem__)
+        mine = _groups(sorted(whole[top], key=costs.__getitem__, reverse=True), costs, lengths)[1:]
+        best = None  # (new max of the two ranks, documents given, other rank, documents taken back)
+        for r in range(P):
+            if r == top:
+                continue
+            theirs = _groups(sorted(whole[r], key=costs.__getitem__), costs, lengths)
+            for give, wd, ld in mine:
+                for take, we, le in theirs:
+                    if we >= wd or free[r] + le < ld or free[top] + ld < le:
                         continue
-                    after = max(load[top] - cost(d) + we, load[r] + cost(d) - we)
+                    after = max(load[top] - wd + we, load[r] + wd - we)
                     if after < load[top] - 1e-9 and (best is None or after < best[0]):
-                        best = (after, d, r, e)
+                        best = (after, give, r, take)
         if best is None:
             return
-        _, d, r, e = best
-        _move(whole, load, free, lengths, d, top, r)
-        if e is not None:
-            _move(whole, load, free, lengths, e, r, top)
+        _, give, r, take = best
+        for d in give:
+            _move(whole, load, free, lengths, costs, d, top, r)
+        for e in take:
+            _move(whole, load, free, lengths, costs, e, r, top)
+
+
+def _groups(docs: list[int], costs, lengths) -> list[tuple[tuple[int, ...], float, int]]:
+    """Nothing, each of the first :data:`_REBALANCE_WIDTH` documents, and each pair of the first
+    :data:`_PAIR_WIDTH`, with their cost and tokens."""
+    out = [((), 0.0, 0)] + [((d,), costs[d], lengths[d]) for d in docs[:_REBALANCE_WIDTH]]
+    head = docs[:_PAIR_WIDTH]
+    for i, d in enumerate(head):
+        out += [((d, e), costs[d] + costs[e], lengths[d] + lengths[e]) for e in head[i + 1:]]
+    return out
 
 
 _REBALANCE_WIDTH = 16
 """Documents per rank :func:`_rebalance` considers (bounds its work on rows of thousands)."""
+_PAIR_WIDTH = 6
+"""Documents per rank whose pairs :func:`_rebalance` considers."""
 
 
-def _move(whole, load, free, lengths, d: int, src: int, dst: int) -> None:
+def _move(whole, load, free, lengths, costs, d: int, src: int, dst: int) -> None:
     whole[src].remove(d)
     whole[dst].append(d)
-    w = _whole_cost(lengths[d])
-    load[src] -= w
-    load[dst] += w
+    load[src] -= costs[d]
+    load[dst] += costs[d]
     free[src] += lengths[d]
     free[dst] -= lengths[d]
 
 
-def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int]) -> None:
+def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int],
+                head_tail: bool) -> list[list[int]]:
     """Lay the documents that fit on no rank whole into the ranks' remaining room (``free``), in
-    rank order, a document continuing on the next rank with room (contiguous pieces, stride 1)."""
-    rank = 0
+    rank order, a document continuing on the next rank with room: as contiguous pieces, or
+    (``head_tail``) cut head and tail over the ranks it covers like a split document. Returns
+    each document's tokens per rank."""
+    P = len(runs)
+    rank, out = 0, []
     for d in spill:
-        g, left = bounds[d], lengths[d]
+        left, sizes = lengths[d], [0] * P
         while left:
             while free[rank] == 0:
                 rank += 1
             take = min(left, free[rank])
-            runs[rank].append(Run(used[rank], take, g, 1, d))
-            used[rank] += take
+            sizes[rank] = take
             free[rank] -= take
-            g, left = g + take, left - take
+            left -= take
+        out.append(sizes)
+        if head_tail:
+            _place_head_tail(d, bounds[d], sizes, runs, used)
+            continue
+        g = bounds[d]
+        for r in range(P):
+            if sizes[r]:
+                runs[r].append(Run(used[r], sizes[r], g, 1, d))
+                used[r] += sizes[r]
+                g += sizes[r]
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -366,9 +539,10 @@ def unshard_placed(parts: list[torch.Tensor], dim: int, layout: str, bounds: tup
 def lower_calls(q0: int, k0: int, m: int, n: int, lo: int) -> list[Block]:
     """Kernel calls for rows ``[q0, q0 + m)`` against keys ``[k0, k0 + n)`` where row i sees key
     j iff ``j <= i - lo`` (call-local indices): a full call for keys every seeing row sees, a
-    causal square, and a full call for rows that see every key; empty ones are left out."""
+    causal square (as far as its keys reach: a document's own diagonal is one causal call), and a
+    full call for the rows past it, which see every key; empty ones are left out."""
     start = min(m, max(0, lo))  # rows before it see nothing
-    every = min(m, max(start, n - 1 + lo))  # rows from here on see every key
+    every = min(m, max(start, n + lo))  # rows from here on see every key past the causal square
     left = max(0, -lo)  # keys every row from `start` on sees
     calls = []
     if every > start:
@@ -384,21 +558,73 @@ def lower_calls(q0: int, k0: int, m: int, n: int, lo: int) -> list[Block]:
 
 def placement_blocks(pl: Placement, rank: int, source: int, causal: bool, window: int | None = None) -> list[Block]:
     """Kernel calls that compute exactly the visible part of the (``rank``, ``source``) block
-    of placement ``pl``: every pair of runs of one document (module docstring)."""
-    calls: list[Block] = []
-    keys = {}
+    of placement ``pl``: every pair of runs of one document (module docstring), with two full
+    calls that share their queries (keys) and have adjacent keys (queries) made one; on the
+    diagonal a document's runs that lie one after another in local and global order may be one
+    causal call instead, where the cost model says that is cheaper."""
+    keys: dict[int, list[Run]] = {}
     for kr in pl.runs[source]:
         keys.setdefault(kr.doc, []).append(kr)
+    whole = _diagonal_calls(pl.runs[rank]) if rank == source and causal and window is None else {}
+    merged = set(whole)
+    calls: list[Block] = []
     for qr in pl.runs[rank]:
+        if qr.doc in merged:
+            calls.extend(whole.pop(qr.doc, ()))  # the document's one call, at its first run
+            continue
         for kr in keys.get(qr.doc, ()):
             if not causal:
-                calls.append(Block(slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length), False))
+                q, k = slice(qr.local, qr.local + qr.length), slice(kr.local, kr.local + kr.length)
+                _add(calls, Block(q, k, False))
                 continue
             t, delta = qr.stride, qr.first - kr.first
             lo = -(delta // t)  # ceil(-delta / t)
             hi = None if window is None else (window - 1 - delta) // t
             if hi is None or hi >= qr.length - 1:  # the window cuts nothing: i - j <= m - 1 always
-                calls.extend(lower_calls(qr.local, kr.local, qr.length, kr.length, lo))
+                for b in lower_calls(qr.local, kr.local, qr.length, kr.length, lo):
+                    _add(calls, b)
             else:
                 calls.extend(_band(qr.local, kr.local, qr.length, kr.length, lo, hi))
     return calls
+
+
+def _add(calls: list[Block], b: Block) -> None:
+    """Append full call ``b``, or widen the last call to cover it when both are full calls with
+    the same queries and adjacent keys, or the same keys and adjacent queries (one document's
+    calls only: other documents' runs never share a query or key slice with them)."""
+    last = calls[-1] if calls else None
+    if last is not None and not b.causal and not last.causal and b.band is None and last.band is None:
+        if last.q == b.q and last.k.stop == b.k.start:
+            calls[-1] = Block(last.q, slice(last.k.start, b.k.stop), False)
+            return
+        if last.k == b.k and last.q.stop == b.q.start:
+            calls[-1] = Block(slice(last.q.start, b.q.stop), last.k, False)
+            return
+    calls.append(b)
+
+
+def _diagonal_calls(runs) -> dict[int, list[Block]]:
+    """For the diagonal block (a rank's own keys, causal, no window): the documents with more
+    than one run here whose runs follow each other in local and in global order, for which one
+    causal call over them costs less than their pairwise calls (cost model). Those documents'
+    calls: the single causal call."""
+    by_doc: dict[int, list[Run]] = {}
+    for r in runs:
+        by_doc.setdefault(r.doc, []).append(r)
+    out = {}
+    for d, rs in by_doc.items():
+        if len(rs) < 2 or any(
+            b.local != a.local + a.length or b.first <= a.first + a.stride * (a.length - 1)
+            for a, b in zip(rs, rs[1:])
+        ):
+            continue
+        size = rs[-1].local + rs[-1].length - rs[0].local
+        pairwise = []
+        for qr in rs:
+            for kr in rs:
+                lo = -((qr.first - kr.first) // qr.stride)
+                pairwise += lower_calls(qr.local, kr.local, qr.length, kr.length, lo)
+        if _call_cost(size, size, True) < _calls_cost(pairwise):
+            span = slice(rs[0].local, rs[0].local + size)
+            out[d] = [Block(span, span, True)]
+    return out
