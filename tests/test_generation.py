@@ -158,6 +158,19 @@ def test_eos_stops_and_the_streamer_on_rank_0_sees_every_token(dist_pool, tiny_l
     assert ended and sum(tokens, []) == one[0].tolist()  # the prompt first, then each new token
 
 
+def test_beam_search_matches_one_process(dist_pool, tiny_llama_dir):
+    """Beams reorder the cache by batch row; each rank reorders its own shard the same way."""
+    prompt = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(14))
+    kw = dict(max_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        one = model.generate(input_ids=prompt, **kw)
+    res = dist_pool(2).run(gw.generate_each, tiny_llama_dir, [prompt, prompt], [kw, kw])
+    for status, seqs in res:
+        assert status == "ok", seqs
+        assert torch.equal(seqs, one)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: every rank raises the same clear error, none waits
 
