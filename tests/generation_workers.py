@@ -20,7 +20,8 @@ def generate_cp(rank, world, path, prompt, kwargs, seed=0, dtype=torch.float32):
                              **kwargs)
     logits = torch.stack(out.logits, dim=1) if out.logits else None
     return dict(sequences=out.sequences, logits=logits, cache_bytes=cache.memory_bytes(),
-                local_tokens=cache.layers[0].local_length(), length=cache.length)
+                local_tokens=cache.layers[0].local_length(), length=cache.length,
+                layer_tokens=[layer.local_length() for layer in cache.layers])
 
 
 def generate_each(rank, world, path, prompts, kwargs, *, timeout=60.0):

@@ -117,6 +117,11 @@ def test_families_with_windows_softcap_and_sinks(dist_pool, tmp_path_factory, mo
     for P in (2, 3):
         res = dist_pool(P).run(gw.generate_cp, str(path), prompt, dict(max_new_tokens=10, do_sample=False))
         _check_run(f"{model_type} P={P}", str(path), prompt, res, attn=attn, max_new_tokens=10)
+        # layer 0 is a sliding layer in each of these families: its shards keep only the keys a
+        # later query could see (the last W - 1 positions), the full layers keep everything
+        sliding = -(-(test_families.W - 1) // P)
+        assert all(r["layer_tokens"][0] <= sliding for r in res), [r["layer_tokens"] for r in res]
+        assert sum(r["layer_tokens"][0] for r in res) == test_families.W - 1
 
 
 def test_sampling_with_one_seed_draws_the_same_tokens(dist_pool, tiny_llama_dir):

@@ -18,7 +18,8 @@ Each attention layer attends its query to the rank's own shard only (the token's
 in its owner's shard), giving a partial ``(out, lse)``; one all-gather per layer brings every
 rank's partial, and each rank merges them by log-sum-exp in rank order, so every rank gets the
 same bits (and sampling with the same seed draws the same token everywhere). Sliding windows
-mask the shard by position, soft-capping applies to the scores, attention sinks join the
+mask the shard by position (and a sliding layer's shard drops the keys no later query sees, so
+it holds about window / P tokens), soft-capping applies to the scores, attention sinks join the
 merged result once.
 
 **Wiring.** ``generate()`` gives the model the whole prompt on every rank, and the model would
@@ -68,6 +69,7 @@ class StripedLayer(DynamicLayer):
     def __init__(self, cache: "StripedCache"):
         super().__init__()
         self._cache = cache
+        self.dropped = 0  # local tokens dropped from the front (out of every later query's window)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         cache = self._cache
@@ -106,7 +108,16 @@ class StripedLayer(DynamicLayer):
     def keep_first(self, n: int) -> None:
         """Drop all but the first ``n`` local tokens (the prefill's padding)."""
         if self.local_length() > n:
-            self.keys, self.values = self.keys[..., :n, :], self.values[..., :n, :]
+            self.keys, self.values = self.keys[..., :n, :].clone(), self.values[..., :n, :].clone()
+
+    def drop_before(self, position: int) -> None:
+        """Drop the local tokens at global positions below ``position`` (a sliding window layer's
+        keys no later query sees), copying what is kept so their memory is freed."""
+        cache = self._cache
+        k = min(self.local_length(), max(0, -(-(position - cache.rank) // cache.world_size) - self.dropped))
+        if k:
+            self.keys, self.values = self.keys[..., k:, :].clone(), self.values[..., k:, :].clone()
+            self.dropped += k
 
 
 class StripedCache(Cache):
@@ -130,8 +141,8 @@ class StripedCache(Cache):
 
     def positions(self, layer_idx: int, device=None) -> torch.Tensor:
         """Global positions of this rank's cached tokens of layer ``layer_idx``, in local order."""
-        n = self.layers[layer_idx].local_length()
-        return torch.arange(n, device=device) * self.world_size + self.rank
+        layer = self.layers[layer_idx]
+        return (torch.arange(layer.local_length(), device=device) + layer.dropped) * self.world_size + self.rank
 
     def memory_bytes(self) -> int:
         """Bytes of keys and values this rank holds, over all layers."""
@@ -435,6 +446,8 @@ def decode_attention(module, query, key, value, cache: StripedCache, *, scale: f
         merge_(acc_out, acc_lse, part[:, :split].reshape(out.shape), part[:, split:split + h * q_len].reshape(lse.shape))
     if sinks is not None:
         acc_out, acc_lse = _apply_sinks(acc_out, acc_lse, sinks)
+    if window is not None:  # later queries (position t + 1 on) see positions from t + 2 - window
+        cache.layers[module.layer_idx].drop_before(t + 2 - window)
     return acc_out.to(query.dtype)
 
 
