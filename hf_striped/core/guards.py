@@ -18,6 +18,7 @@ communication functions.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -164,6 +165,15 @@ def exchange(tensors: tuple[torch.Tensor, ...], send_to: int, recv_from: int, gr
     ops = [dist.P2POp(dist.isend, t, send_to, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, recv_from, group) for b in bufs]
     return dist.batch_isend_irecv(ops), bufs
+
+
+def checksum(*parts: bytes | str) -> int:
+    """A 62-bit summary of ``parts`` for an :func:`agree` field, the same on every rank (not
+    Python's salted ``hash``) and safe to negate in int64."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else part.encode())
+    return int.from_bytes(h.digest(), "little") >> 2
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ public function (the three layers flash-attention uses)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import KernelChain, select_kernel
 from ..log import warn_once
 from .documents import Placement, check_cu_seqlens, placement, plain_placement
-from .guards import FiniteGuard, Verdict, agree
+from .guards import FiniteGuard, Verdict, agree, checksum
 from .layout import BAND_ROWS
 from .options import RingOptions, build_options
 from .schedule import RingPlan, Watch, backward_schedule, forward_schedule
@@ -144,10 +143,7 @@ def peer_signature(q, k, v, layout: str, causal: bool, window: int | None,
 def bounds_checksum(bounds: tuple[int, ...] | None) -> int:
     """A 62-bit summary of document boundaries, deterministic on every rank (not Python's
     salted ``hash``): ranks given different ``cu_seqlens`` disagree on it."""
-    if bounds is None:
-        return 0
-    digest = hashlib.blake2b(repr(bounds).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
+    return 0 if bounds is None else checksum(repr(bounds))
 
 
 def _where(name: str | None) -> str:

@@ -41,14 +41,19 @@ def _refuse(feature: str, how: str) -> None:
     )
 
 
-def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_size) -> None:
+def _check_no_dropout_or_weights(dropout, kwargs, dropout_fix: str) -> None:
+    """What neither the ring nor the sharded-cache decode computes: dropout, attention weights."""
     if dropout and dropout > 0:
-        _refuse(
-            f"attention dropout (p={dropout})",
-            "Set model.config.attention_dropout = 0.0 (or call model.eval()) before training with context parallelism.",
-        )
+        _refuse(f"attention dropout (p={dropout})", dropout_fix)
     if kwargs.get("output_attentions"):
         _refuse("output_attentions", "The full attention matrix is never formed on one rank; drop output_attentions=True.")
+
+
+def _check_supported(module, query, key, attention_mask, dropout, kwargs, world_size) -> None:
+    _check_no_dropout_or_weights(
+        dropout, kwargs,
+        "Set model.config.attention_dropout = 0.0 (or call model.eval()) before training with context parallelism.",
+    )
     if kwargs.get("position_bias") is not None:
         _refuse("additive position bias", "Run this model without context parallelism.")
     is_causal = kwargs.get("is_causal")
@@ -188,10 +193,7 @@ def striped_ring_attention_forward(
 
 def _decode(module, query, key, value, dropout, scaling, kwargs, cache):
     """One decoded token on the sharded cache of ``generate()`` (:mod:`.generation`)."""
-    if dropout and dropout > 0:
-        _refuse(f"attention dropout (p={dropout})", "Call model.eval() before generating.")
-    if kwargs.get("output_attentions"):
-        _refuse("output_attentions", "The full attention matrix is never formed on one rank; drop output_attentions=True.")
+    _check_no_dropout_or_weights(dropout, kwargs, "Call model.eval() before generating.")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return decode_attention(module, query, key, value, cache, scale=scale, softcap=kwargs.get("softcap"),

@@ -42,7 +42,6 @@ context's timeout) and a :class:`hf_striped.RingCommError`.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 
 import torch
@@ -134,6 +133,8 @@ class StripedCache(Cache):
         self.phase = _EMPTY
         self.prompt_length = 0
         self.timeout: float | None = None
+        self.step_tokens: torch.Tensor | None = None  # the decode step's input ids, in every gather's header
+        self.checked_step = -1  # the last position whose header every rank compared
 
     def owner(self, position: int) -> int:
         """The rank that stores the K/V of global ``position``."""
@@ -155,8 +156,9 @@ class StripedCache(Cache):
 
 
 def _is_striped_generator(module) -> bool:
-    config = getattr(module, "config", None)
-    return isinstance(module, GenerationMixin) and getattr(config, "_attn_implementation", None) == "striped_ring"
+    # runs on every module call inside a context: the isinstance check first
+    return isinstance(module, GenerationMixin) and getattr(
+        getattr(module, "config", None), "_attn_implementation", None) == "striped_ring"
 
 
 def _decoder_of(model):
@@ -222,16 +224,17 @@ def _before_decoder(module, args, kwargs):
     if isinstance(cache, StripedCache) and cache.phase == _DECODE:
         kwargs = _decode_inputs(kwargs, cache, state)
     else:
-        cache = _prefill_cache(cache, module, state)
+        cache, error = _prefill_cache(cache, module, state)
         kwargs[name] = cache
-        kwargs = _prefill_inputs(kwargs, cache, state)
+        kwargs = _prefill_inputs(kwargs, cache, state, error)
     state.generation_cache = cache  # what this forward's attention layers decode on (cleared after it)
     return args, kwargs
 
 
-def _prefill_cache(cache, module, state: ContextParallelState) -> "StripedCache":
+def _prefill_cache(cache, module, state: ContextParallelState) -> tuple[object, BaseException | None]:
     """The cache the prefill fills: the caller's empty StripedCache, or one replacing the empty
-    default cache ``generate()`` made; any other cache is refused (on every rank)."""
+    default cache ``generate()`` made; and the error refusing any other cache (raised on every
+    rank by the prompt agreement)."""
     error = None
     if isinstance(cache, StripedCache):
         if cache.phase != _EMPTY:
@@ -247,16 +250,15 @@ def _prefill_cache(cache, module, state: ContextParallelState) -> "StripedCache"
         )
     else:
         cache = StripedCache(module.config, group=state.group)
-    cache._error = error
-    return cache
+    return cache, error
 
 
-def _prefill_inputs(kwargs, cache, state: ContextParallelState) -> dict:
+def _prefill_inputs(kwargs, cache, state: ContextParallelState, error: BaseException | None) -> dict:
     """The whole prompt (identical on every rank) -> this rank's stripe of it, padded at the end
     to a multiple of P, with global positions; checks the prompt and settings across ranks."""
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     x = ids if ids is not None else embeds
-    error = getattr(cache, "_error", None) or _prompt_error(kwargs, x)
+    error = error or _prompt_error(kwargs, x)
     n = x.shape[1] if error is None else 0
     _agree_on_prompt(state, x, n, error)
     P, r = state.world_size, state.rank
@@ -289,13 +291,6 @@ def _prompt_error(kwargs, x) -> BaseException | None:
         return ValueError("a prompt's position_ids inside hf_striped.context_parallel must be 0, 1, ..., len - 1 "
                           "(or not given)")
     return None
-
-
-def _fingerprint(*parts) -> int:
-    h = hashlib.blake2b(digest_size=7)
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else str(p).encode())
-    return int.from_bytes(h.digest(), "little")
 
 
 def _generation_config() -> GenerationConfig | None:
@@ -337,8 +332,8 @@ def _agree_on_prompt(state: ContextParallelState, x, n: int, error) -> None:
     fields = {
         "prompt tokens": n,
         "batch size": 0 if ids is None else ids.shape[0],
-        "prompt": 0 if ids is None else _fingerprint(str(ids.dtype), ids.numpy().tobytes()),
-        "generation settings": _fingerprint(_settings(config)),
+        "prompt": 0 if ids is None else guards.checksum(str(ids.dtype), ids.numpy().tobytes()),
+        "generation settings": guards.checksum(_settings(config)),
     }
     verdict = guards.agree(state.group, fields, what="the prompt check before a striped prefill",
                            timeout=state.options.timeout, error=error,
@@ -437,7 +432,9 @@ def decode_attention(module, query, key, value, cache: StripedCache, *, scale: f
     packed = torch.cat([out.reshape(b, -1), lse.reshape(b, -1), header], dim=1)
     parts = guards.all_gather(packed.to(guards.collective_device(cache.group)), cache.group,
                               what=f"the decode merge of {name} (position {t})", timeout=cache.timeout)
-    _check_step(parts, header.shape[1], t)
+    if cache.checked_step != t:  # the header is the same at every layer: compare it once per step
+        _check_step(parts, header.shape[1], t)
+        cache.checked_step = t
     acc_out = torch.zeros_like(out)
     acc_lse = torch.full_like(lse, float("-inf"))
     split = q_len * h * d
