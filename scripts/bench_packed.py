@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from bench_common import RESULTS, Recorder, add_block_args, finish_block_args, median, shape_str, timed
-from hf_striped.core.documents import Placement, Run, placement, placement_blocks, plain_placement
+from hf_striped.core.documents import Placement, Run, deferred_blocks, placement, placement_blocks, plain_placement
 from hf_striped.core.layout import Block
 from hf_striped.core.schedule import _acc_dtype, backward_step, forward_step
 from hf_striped.kernels import select_kernel
@@ -181,9 +181,10 @@ class Variant:
     vs: list[torch.Tensor]
     douts: list[torch.Tensor]
     sent: list[tuple[torch.Tensor, torch.Tensor]]  # per rank the K/V message: the first `travel` tokens
-    blks: dict  # (rank, source) -> calls
+    blks: dict  # (rank, source) -> calls on the source's K/V, at step (rank - source) mod P
+    local: dict  # (rank, step) -> calls on the rank's own K/V at that step (deferred whole documents)
     final: list  # per rank (out, lse [b, h, c]) for backward
-    buffers: tuple  # (out, lse_t, dq) accumulators of c' tokens
+    buffers: tuple  # (out, lse_t, dq, (dk, dv) of c' tokens, (dk, dv) received: `travel` tokens)
 
 
 @dataclass
@@ -272,12 +273,15 @@ def _prepare(case: Case, name: str, ref_out, check: bool, rec) -> Variant:
     qs, ks, vs, douts = ([x.index_select(1, idx[r]) for r in range(P)] for x in rows)
     sent = [(ks[r][:, :pl.travel].contiguous(), vs[r][:, :pl.travel].contiguous()) for r in range(P)]
     blks = {(r, s): placement_blocks(pl, r, s, True) for r in range(P) for s in range(P)}
+    local = {(r, s): deferred_blocks(pl, r, s, True) for r in range(P) for s in range(P)}
     final = []
     for r in range(P):
         o, lt = case.accumulators(pl.c)
         for s in range(P) if check else [r]:  # the whole ring, or the diagonal block as a stand-in
             k, v = (ks[r], vs[r]) if s == r else sent[s]
             forward_step(qs[r], k, v, o, lt, blks[(r, s)], case.kernel, case.scale)
+        for step in range(P):
+            forward_step(qs[r], ks[r], vs[r], o, lt, local[(r, step)], case.kernel, case.scale)
         final.append((o if case.kernel.capabilities.float32_backward else o.to(qs[r].dtype),
                       lt.transpose(1, 2).contiguous()))
     if check:
@@ -288,28 +292,41 @@ def _prepare(case: Case, name: str, ref_out, check: bool, rec) -> Variant:
         err = float((got.double() - ref_out.double()).abs().max())
         rec.add(name, shape_str(**case.base), "max_abs_diff_vs_documents", err)
     o, lt = case.accumulators(pl.c)
-    return Variant(name, pl, pbounds, qs, ks, vs, douts, sent, blks, final, (o, lt, torch.zeros_like(o)))
+    home = (torch.zeros(ks[0].shape, dtype=case.acc), torch.zeros(vs[0].shape, dtype=case.acc))
+    recv = tuple(x.to(case.acc) for x in sent[0])  # stands in for the dK/dV partial sums a step receives
+    return Variant(name, pl, pbounds, qs, ks, vs, douts, sent, blks, local, final,
+                   (o, lt, torch.zeros_like(o), home, recv))
 
 
 def _time_cell(case: Case, var: Variant, r: int, s: int, cells: dict) -> None:
     src = (r - s) % case.P
-    blks = var.blks[(r, src)]
-    if not blks:  # nothing of this source is visible here: no compute at all
+    blks, local = var.blks[(r, src)], var.local[(r, s)]
+    if not blks and not local:  # nothing to compute at this step: no compute at all
         cells[(var.name, "fwd", r, s)].append(0.0)
         cells[(var.name, "bwd", r, s)].append(0.0)
         return
-    acc_out, acc_lse, dq = var.buffers
+    acc_out, acc_lse, dq, home, recv = var.buffers
     acc_out.zero_()
     acc_lse.fill_(float("-inf"))
-    # as the ring: step 0 on the local K/V, later steps on the message (its first `travel` tokens)
-    q, dout = var.qs[r], var.douts[r]
-    k, v = (var.ks[r], var.vs[r]) if s == 0 else var.sent[src]
+    # as the ring: step 0 on the local K/V, later steps on the message (its first `travel` tokens),
+    # and the whole documents scheduled at this step on the local K/V
+    q, dout, k0, v0 = var.qs[r], var.douts[r], var.ks[r], var.vs[r]
+    k, v = (k0, v0) if s == 0 else var.sent[src]
     kernel, scale, acc = case.kernel, case.scale, case.acc
-    cells[(var.name, "fwd", r, s)].append(case.timed(
-        lambda: forward_step(q, k, v, acc_out, acc_lse, blks, kernel, scale)))
+
+    def fwd():
+        forward_step(q, k, v, acc_out, acc_lse, blks, kernel, scale)
+        forward_step(q, k0, v0, acc_out, acc_lse, local, kernel, scale)
+
     out, lse = var.final[r]
-    cells[(var.name, "bwd", r, s)].append(case.timed(
-        lambda: backward_step(dout, q, k, v, out, lse, dq, blks, kernel, scale, acc)))
+
+    def bwd():  # as the ring: step 0 starts the partial sums, later steps add into those received
+        backward_step(dout, q, k, v, out, lse, dq, blks, kernel, scale, acc, into=recv if s else None)
+        if local:
+            backward_step(dout, q, k0, v0, out, lse, dq, local, kernel, scale, acc, into=home)
+
+    cells[(var.name, "fwd", r, s)].append(case.timed(fwd))
+    cells[(var.name, "bwd", r, s)].append(case.timed(bwd))
 
 
 def _time_docs(case: Case, docs_ref, which, ideal: dict) -> None:
@@ -360,8 +377,9 @@ def _summarize(rec, case: Case, variants: list[Variant], cells, ideal, repeats: 
     out = {}
     for v in variants:
         name, pl = v.name, v.pl
-        ncalls = {(r, s): len(v.blks[(r, (r - s) % P)]) for r in range(P) for s in range(P)}
-        scores = {(r, s): visible_scores(v.blks[(r, (r - s) % P)]) for r in range(P) for s in range(P)}
+        step_calls = {(r, s): v.blks[(r, (r - s) % P)] + v.local[(r, s)] for r in range(P) for s in range(P)}
+        ncalls = {key: len(x) for key, x in step_calls.items()}
+        scores = {key: visible_scores(x) for key, x in step_calls.items()}
         tokens = [sum(run.length for run in pl.runs[r]) for r in range(P)]
         crit, calls = {}, {}
         for p in ("fwd", "bwd"):

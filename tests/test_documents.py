@@ -19,6 +19,7 @@ from hf_striped.core.documents import (
     placement,
     placement_blocks,
     places_documents,
+    visible_blocks,
     shard_placed,
     unshard_placed,
 )
@@ -47,9 +48,10 @@ def _unshard(parts, layout, bounds):
 
 
 def _dense(pl, rank, source, causal=True, window=None) -> torch.Tensor:
-    """The [c, c] visibility the calls of ``placement_blocks`` compute; every score at most once."""
+    """The [c, c] visibility the calls of the (rank, source) block compute, whatever ring step
+    computes them (``visible_blocks``); every score at most once."""
     m = torch.zeros(pl.c, pl.c, dtype=torch.bool)
-    for b in placement_blocks(pl, rank, source, causal, window):
+    for b in visible_blocks(pl, rank, source, causal, window):
         sub = m[b.q, b.k]
         vis = torch.ones_like(sub) if b.band is None else band_mask(*sub.shape, b.band)
         vis = vis.tril() if b.causal else vis
@@ -133,7 +135,7 @@ def test_documents_take_one_kernel_call_per_document_and_step():
     pl = placement("striped", P, P * c, _bounds(lengths))
     for r in range(P):
         docs = [{run.doc for run in pl.runs[x]} for x in range(P)]
-        diag = placement_blocks(pl, r, r, True)
+        diag = visible_blocks(pl, r, r, True)
         for run in pl.runs[r]:
             if sum(other.doc == run.doc for other in pl.runs[r]) == 1:  # a whole document, or one piece
                 assert sum(b.q.start >= run.local and b.q.stop <= run.local + run.length for b in diag) == 1

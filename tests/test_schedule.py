@@ -166,3 +166,20 @@ def test_inprocess_driver_detects_deadlock():
 
     with pytest.raises(RuntimeError, match="deadlocked"):
         run_inprocess([stuck(), stuck()])
+
+
+def test_merge_of_blocks_seen_by_every_row_takes_the_short_path_exactly():
+    """``every_row=True`` (full and causal calls): the first block is copied bit for bit, and
+    later blocks give the general path's result up to rounding."""
+    torch.manual_seed(2)
+    shape_out, shape_lse = (2, 6, 3, 4), (2, 3, 6)
+    blocks = [(torch.randn(shape_out), torch.randn(shape_lse) * 4) for _ in range(3)]
+    fast = torch.zeros(shape_out), torch.full(shape_lse, float("-inf"))
+    slow = torch.zeros(shape_out), torch.full(shape_lse, float("-inf"))
+    for i, (o_b, l_b) in enumerate(blocks):
+        merge_(*fast, o_b, l_b, every_row=True)
+        merge_(*slow, o_b, l_b)
+        if i == 0:
+            assert torch.equal(fast[0], o_b) and torch.equal(fast[1], l_b)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-6, atol=1e-6)

@@ -26,21 +26,30 @@ An empty part is skipped, and a window (``window`` tokens, Transformers' convent
 upper edge ``hi = floor((window - 1 - (a - b)) / t)``, handled as for sliding windows.
 
 **Placements.** The plain layouts keep their token positions and split their runs at document
-boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): some documents
-are split over all ranks, each cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r
-(head and tail: every rank the same share of its causal work, and, unlike striping it, a diagonal
-only once, which matters on kernels that skip masked keys in whole tiles). The others are placed
-whole on one rank, largest work first onto the least loaded rank; those that fit nowhere whole fill
-the remaining room (contiguous pieces on neighbouring ranks, or head and tail over those ranks).
-Which documents to split is decided by building the placement for each candidate (every document
-longer than a rank's share, plus the k largest others, k <= 3P) and keeping the one whose modelled
-critical path is shortest: per ring step the slowest rank's calls, each costing a fixed part, a part
-per query row and per key, and its scores (causal calls rounded to the CPU op's key tiles), summed
-over steps; the best few candidates are also rebalanced (moves and swaps of one or two documents
-between the most loaded rank and another) and compared again. Each rank
-keeps its split tokens first, so only the local prefix ``[0, travel)`` is ever seen by another
-rank: ring messages carry only it, and whole documents need no ring step at all. Every rank holds
-exactly N / P tokens; no document is padded.
+boundaries. The ``striped`` layout with documents places them (:func:`document_placement`): some
+documents are split, each cut head and tail over q evenly spaced ranks ``a, a + P/q, ...`` (q a
+divisor of P): 2q contiguous chunks, the i-th of those ranks holding chunks i and 2q - 1 - i, so
+each has the same share of its causal work and, unlike striping it, a diagonal only once, which
+matters on kernels that skip masked keys in whole tiles. q is as small as keeps a rank's share of
+the document under a target: every rank a document is split over pays a per-row and per-key cost
+at each ring step it sees it, so fewer ranks mean fewer, larger calls; evenly spaced ranks see
+each other at the same ring steps, so its work stays aligned across ranks step by step. The
+other documents are placed whole on one rank, largest work first onto the least loaded rank (its
+split work counted); those that fit nowhere whole fill the remaining room (contiguous pieces on
+neighbouring ranks, or head and tail over those ranks). A whole document sees only itself, so
+its call may run at any ring step, on the rank's own K/V (:attr:`Placement.run_steps`,
+:func:`deferred_blocks`): each goes to the step it lengthens least, filling the room the split
+documents leave (a ring step lasts as long as its slowest rank).
+
+Which documents to split, and the target, are decided by building the placement for each
+candidate (every document longer than a rank's share, plus the k largest others, k <= 3P; targets
+:data:`_SPLIT_TARGETS`) and keeping the one whose modelled critical path is shortest: per ring
+step the slowest rank's calls, each costing a fixed part, a part per query row and per key, and
+its scores (causal calls rounded to the CPU op's key tiles), summed over steps; the best few
+candidates are also rebalanced (moves and swaps of one or two documents between the most loaded
+rank and another) and compared again. Each rank keeps its split tokens first, so only the local
+prefix ``[0, travel)`` is ever seen by another rank: ring messages carry only it, and whole
+documents need no ring step at all. Every rank holds exactly N / P tokens; no document is padded.
 """
 
 from __future__ import annotations
@@ -75,12 +84,16 @@ class Placement:
     c: int
     runs: tuple[tuple[Run, ...], ...]
     travel: int
+    run_steps: tuple[tuple[int, ...], ...] = ()
+    """Per rank and run, the ring step at which the run's own (diagonal) calls are computed, on
+    the local K/V; empty: all at step 0. Only whole documents' runs (which see nothing but
+    themselves) are ever later: they fill the steps where the split documents leave room."""
 
     def __hash__(self) -> int:
         # computed once: placements key the block caches looked up at every ring step of every layer
         cached = self.__dict__.get("_hash")
         if cached is None:
-            cached = hash((self.world_size, self.c, self.runs, self.travel))
+            cached = hash((self.world_size, self.c, self.runs, self.travel, self.run_steps))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -167,16 +180,16 @@ def _work(length: int) -> int:
     return length * (length + 1) // 2
 
 
-CALL_SCORES = 3000
+CALL_SCORES = 9000
 """What one kernel call costs beyond its scores, in scores (PyTorch's CPU flash op with the
 ring's merge and gradient accumulation), with :data:`ROW_SCORES`, :data:`KEY_SCORES` and
-:data:`CAUSAL_TILE`: the placement's cost model, fitted to the per-(rank, step) block times of
-``scripts/bench_packed.py`` (fwd + bwd, one thread; rms error about 5%). The per-row and per-key
-costs are memory traffic and vary by host: an Intel Xeon gave these, an AMD EPYC about 3300, 38
-and 16; the placements either picks differ little (a few rows of chat/code mixes at P = 4-8)."""
-ROW_SCORES = 80
+:data:`CAUSAL_TILE`: the placement's cost model, fitted by ``scripts/fit_packed_cost.py`` (one
+call's ``forward_step`` + ``backward_step`` into received partial sums, as the ring makes them,
+over a grid of full and causal shapes; one thread, rms error about 6%, on an Intel Xeon at
+about 29 ns per score). The per-row and per-key costs are memory traffic and vary by host."""
+ROW_SCORES = 75
 """What each query row of a call costs beyond its scores (merging its output, adding its dq)."""
-KEY_SCORES = 48
+KEY_SCORES = 40
 """What each key of a call costs beyond its scores (adding its dk and dv)."""
 CAUSAL_TILE = 512
 """Keys per tile the CPU op's causal mode skips whole: a causal call of L tokens costs about
@@ -245,7 +258,8 @@ def _contiguous_steps(sizes: list[int]) -> list[list[float]]:
 @functools.lru_cache(maxsize=1024)
 def _split_steps(length: int, world_size: int) -> tuple[tuple[float, ...], ...]:
     """:func:`_head_tail_steps` of a document of ``length`` tokens split evenly over all ranks."""
-    return tuple(map(tuple, _head_tail_steps(_split_sizes(length, [0] * world_size))))
+    return tuple(map(tuple, _head_tail_steps(_subset_sizes(length, list(range(world_size)), [0] * world_size,
+                                                            world_size))))
 
 
 _PLACEMENT_BUDGET = 6000
@@ -279,20 +293,6 @@ def _split_candidates(lengths: list[int], costs: list[float], P: int, c: int) ->
     return [forced + rest[:k] for k in ks]
 
 
-def _split_sizes(length: int, used: list[int]) -> list[int]:
-    """Each rank's share of a document split over all ranks: equal, the tokens left over by an
-    uneven cut going to the ranks holding the fewest tokens so far (at most two more per rank), so
-    every rank's count stays within one of the others."""
-    P = len(used)
-    base, extra = divmod(length, 2 * P)
-    sizes = [2 * base] * P
-    for _ in range(2):  # at most two extra tokens per rank, one per chunk
-        for r in sorted(range(P), key=lambda r: (used[r] + sizes[r], r))[:extra]:
-            sizes[r] += 1
-            extra -= 1
-    return sizes
-
-
 def _place_head_tail(d: int, first: int, sizes: list[int], runs, used: list[int]) -> None:
     """Document ``d`` (global start ``first``) cut into 2P contiguous chunks, rank r holding
     chunks r and 2P - 1 - r, ``sizes[r]`` tokens in all (head the larger half), stored at the end
@@ -310,36 +310,30 @@ def _place_head_tail(d: int, first: int, sizes: list[int], runs, used: list[int]
         start += size
 
 
-def _split_document(d: int, length: int, first: int, runs, used: list[int]) -> None:
-    """Document ``d`` cut into 2P contiguous chunks, rank r holding chunks r and 2P - 1 - r (each
-    rank the same share of its causal work, see :func:`_split_sizes`)."""
-    _place_head_tail(d, first, _split_sizes(length, used), runs, used)
-
-
 def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Placement:
     """The ``striped`` layout's placement of packed documents (module docstring): for every
-    candidate set of documents to split (:func:`_split_candidates`), those are split over all
-    ranks in 2P balanced chunks, the others go whole onto one rank balanced by work, and what fits
+    candidate set of documents to split (:func:`_split_candidates`) and every target of
+    :data:`_SPLIT_TARGETS`, those are split head and tail over evenly spaced ranks
+    (:func:`_split_part`), the others go whole onto one rank balanced by work, and what fits
     nowhere whole fills the remaining room (contiguously, or head and tail over the ranks it
-    covers); the placement whose modelled critical path (sum over ring steps of the slowest rank's
+    covers); whole documents get the ring steps they lengthen least (:func:`_schedule_whole`),
+    and the placement whose modelled critical path (sum over ring steps of the slowest rank's
     modelled calls) is shortest wins. Every candidate is packed largest first; the
     :data:`_REFINED` best are then rebalanced (:func:`_rebalance`) and compared again."""
     P, c = world_size, n // world_size
     lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
     costs = [_whole_cost(length) for length in lengths]
+    budget = sum(costs) / P  # a rank's share of the row's modelled work
     tried = []  # (modelled path, candidate index, split part, packing, placement)
-    for i, split in enumerate(_split_candidates(lengths, costs, P, c)):
-        runs: list[list[Run]] = [[] for _ in range(P)]
-        used = [0] * P
-        split_path = [[0.0] * P for _ in range(P)]  # [rank][step]
-        for d in sorted(split):
-            _split_document(d, lengths[d], bounds[d], runs, used)
-            for r, row in enumerate(_split_steps(lengths[d], P)):
-                for s, x in enumerate(row):
-                    split_path[r][s] += x
-        packed = _pack_whole(lengths, costs, set(split), [c - x for x in used], P)
-        cost, pl = _place_rest(packed, (runs, used, split_path), lengths, bounds, c)
-        tried.append((cost, i, (runs, used, split_path), packed, pl))
+    for i, (split, target) in enumerate((s, budget * x) for s in _split_candidates(lengths, costs, P, c)
+                                        for x in _SPLIT_TARGETS):
+        split_part = _split_part(split, lengths, costs, bounds, P, c, target)
+        if split_part is None:
+            continue
+        packed = _pack_whole(lengths, costs, set(split), [c - x for x in split_part[1]], P,
+                             [sum(row) for row in split_part[2]])
+        cost, pl = _place_rest(packed, split_part, lengths, bounds, c)
+        tried.append((cost, i, split_part, packed, pl))
     tried.sort(key=lambda t: t[:2])
     best_cost, best = tried[0][0], tried[0][4]
     for _, _, split_part, (whole, load, free, spill), _ in tried[:_REFINED]:
@@ -353,50 +347,138 @@ def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Plac
 
 _REFINED = 3
 """Candidate placements :func:`document_placement` rebalances (the best after packing)."""
+_SPLIT_TARGETS = (0.0, 1.0, 0.5)
+"""Per-rank work a split document aims at, as fractions of a rank's share of the row: a document
+is split over as few neighbouring ranks as give each at most that much (:func:`_split_part`);
+0: over every rank."""
+
+
+def _split_part(split: list[int], lengths, costs, bounds, P: int, c: int, target: float):
+    """Documents ``split`` cut head and tail over ``q`` ranks each, ``q`` the smallest divisor of
+    P (at least 2) that gives each rank at most ``target`` of modelled work (0: all P ranks), the
+    ranks ``a, a + P/q, a + 2P/q, ...``. Fewer ranks mean fewer, larger calls: each rank pays a
+    per-row merge and per-key gradient cost at every step it sees the document, about the same
+    whatever ``q``, so the row's total falls with ``q``. Evenly spaced ranks see each other at
+    the same ring steps (multiples of P/q), so the document's work stays aligned from rank to
+    rank, step by step, as the ring's steps (each as long as its slowest rank) want; the steps
+    between are left to the whole documents (:func:`_schedule_whole`). Largest first, each goes
+    to the coset whose modelled load is least and that has room. Returns (runs, tokens per
+    rank, modelled cost ``[rank][step]``), or ``None`` when a document finds no room (the
+    earlier ones, on few ranks, filled those it needs)."""
+    runs: list[list[Run]] = [[] for _ in range(P)]
+    used, load = [0] * P, [0.0] * P
+    split_path = [[0.0] * P for _ in range(P)]  # [rank][step]
+    sizes_of = {}
+    divisors = [q for q in range(2, P + 1) if P % q == 0]
+    for d in sorted(split, key=lambda d: (-costs[d], d)):
+        need = -(-int(costs[d]) // max(1, int(target))) if target else P
+        best = None
+        for q in [q for q in divisors if q >= need][:1] + ([P] if need < P else []):
+            stride = P // q
+            for a in range(stride):
+                ranks = list(range(a, P, stride))
+                sizes = _subset_sizes(lengths[d], ranks, used, P)
+                if any(used[r] + sizes[r] > c for r in ranks):
+                    continue
+                table = _split_steps(lengths[d], P) if q == P else _head_tail_steps(sizes)
+                worst = max(load[r] + sum(table[r]) for r in ranks)
+                if best is None or worst < best[0]:
+                    best = (worst, sizes, table)
+            if best is not None:
+                break
+        if best is None:  # earlier documents split over few ranks filled those it needs
+            return None
+        _, sizes, table = best
+        sizes_of[d] = sizes
+        for r in range(P):
+            used[r] += sizes[r]
+            load[r] += sum(table[r])
+            for st, x in enumerate(table[r]):
+                split_path[r][st] += x
+    used = [0] * P
+    for d in sorted(split):  # local order: by document
+        _place_head_tail(d, bounds[d], sizes_of[d], runs, used)
+    return runs, used, split_path
+
+
+def _subset_sizes(length: int, ranks: list[int], used: list[int], P: int) -> list[int]:
+    """Each rank's share of a document cut head and tail over ``ranks`` (0 elsewhere): equal,
+    the tokens an uneven cut leaves over going to those holding the fewest tokens so far."""
+    q = len(ranks)
+    base, extra = divmod(length, 2 * q)
+    sizes = [0] * P
+    for r in ranks:
+        sizes[r] = 2 * base
+    for _ in range(2):  # at most two extra tokens per rank, one per chunk
+        for r in sorted(ranks, key=lambda r: (used[r] + sizes[r], r))[:extra]:
+            sizes[r] += 1
+            extra -= 1
+    return sizes
 
 
 def _place_rest(packed, split_part, lengths, bounds, c: int) -> tuple[float, Placement]:
     """The placement of one candidate: its split documents (``split_part``: runs, token counts
     and modelled cost per rank and step), the whole documents (``packed``: per rank, with their
     load and the room left), and the documents that fit nowhere whole filled into the room left,
-    contiguously or head and tail, whichever the model prefers. Returns (modelled path, placement)."""
+    contiguously or head and tail, whichever the model prefers; the whole documents' calls are
+    then given ring steps (:func:`_schedule_whole`). Returns (modelled path, placement)."""
     runs0, used0, split_path = split_part
     whole, load, free, spill = packed
     P = len(runs0)
+    costs = [[_whole_cost(lengths[d]) for d in whole[r]] for r in range(P)]
     best = None
     for head_tail in (False, True) if spill else (False,):
         runs, used, room = [list(x) for x in runs0], list(used0), list(free)
         pieces = _fill_spill(spill, lengths, bounds, runs, used, room, head_tail)
         steps = _head_tail_steps if head_tail else _contiguous_steps
-        cost = _modelled_path(split_path, [steps(x) for x in pieces], load, P)
+        fixed = [list(row) for row in split_path]
+        for table in (steps(x) for x in pieces):
+            for r in range(P):
+                for s in range(P):
+                    fixed[r][s] += table[r][s]
+        cost, when = _schedule_whole(fixed, costs, ring=max(used) > 0)
         if best is None or cost < best[0]:
-            best = (cost, runs, used)
-    cost, runs, used = best
+            best = (cost, runs, used, when)
+    cost, runs, used, when = best
     travel = max(used)
+    run_steps = [[0] * len(runs[r]) for r in range(P)]
     for r in range(P):
-        for d in whole[r]:
+        for d, step in zip(whole[r], when[r]):
             runs[r].append(Run(used[r], lengths[d], bounds[d], 1, d))
+            run_steps[r].append(step)
             used[r] += lengths[d]
-    return cost, Placement(P, c, tuple(tuple(x) for x in runs), travel)
+    later = tuple(map(tuple, run_steps)) if any(map(any, run_steps)) else ()
+    return cost, Placement(P, c, tuple(tuple(x) for x in runs), travel, later)
 
 
-def _modelled_path(split_path, spilled: list[list[list[float]]], load: list[float], P: int) -> float:
-    """Modelled critical path of a placement: per ring step the slowest rank's calls, summed; the
-    split documents' calls (``split_path[rank][step]``), each spilled document's (``spilled``, the
-    same) and the whole documents (``load``, at step 0 only)."""
-    total = 0.0
-    for s in range(P):
-        total += max(
-            split_path[r][s] + (load[r] if s == 0 else 0.0) + sum(x[r][s] for x in spilled) for r in range(P)
-        )
-    return total
+def _schedule_whole(fixed: list[list[float]], costs: list[list[float]], ring: bool):
+    """Give each whole document's call a ring step: it needs no other rank's K/V, so any step
+    will do, and the step lasts as long as its slowest rank. ``fixed[r][s]``: the modelled work
+    rank r has at step s anyway (split and spilled documents); ``costs[r]``: its whole documents'.
+    Largest first (over all ranks), each goes to the step it raises least, else the one where its
+    rank has least. Without a ring (``ring=False``: no rank sees another's tokens) there is one
+    step. Returns (modelled critical path: the steps' maxima summed, each document's step)."""
+    P = len(fixed)
+    if not ring:
+        return max(fixed[r][0] + sum(costs[r]) for r in range(P)), [[0] * len(x) for x in costs]
+    height = [list(row) for row in fixed]
+    level = [max(height[r][s] for r in range(P)) for s in range(P)]
+    when = [[0] * len(x) for x in costs]
+    for w, r, i in sorted(((w, r, i) for r in range(P) for i, w in enumerate(costs[r])), reverse=True):
+        s = min(range(P), key=lambda s: (max(level[s], height[r][s] + w) - level[s], height[r][s], s))
+        height[r][s] += w
+        level[s] = max(level[s], height[r][s])
+        when[r][i] = s
+    return sum(level), when
 
 
-def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free: list[int], P: int):
-    """Largest first onto the least loaded rank with room (``free``, updated): returns the
-    documents each rank holds whole, each rank's modelled load, the room left, and the documents
-    that fit on no rank (to be spilled), in order."""
-    load = [0.0] * P
+def _pack_whole(lengths: list[int], costs: list[float], striped: set[int], free: list[int], P: int,
+                load: list[float]):
+    """Largest first onto the least loaded rank with room (``free``, updated), each rank's
+    modelled load starting from ``load`` (its split documents'): returns the documents each rank
+    holds whole, each rank's modelled load, the room left, and the documents that fit on no rank
+    (to be spilled), in order."""
+    load = list(load)
     whole: list[list[int]] = [[] for _ in range(P)]
     spill = []
     for d in sorted((d for d in range(len(lengths)) if d not in striped), key=lambda d: (-lengths[d], d)):
@@ -557,18 +639,47 @@ def lower_calls(q0: int, k0: int, m: int, n: int, lo: int) -> list[Block]:
 
 
 def placement_blocks(pl: Placement, rank: int, source: int, causal: bool, window: int | None = None) -> list[Block]:
-    """Kernel calls that compute exactly the visible part of the (``rank``, ``source``) block
-    of placement ``pl``: every pair of runs of one document (module docstring), with two full
-    calls that share their queries (keys) and have adjacent keys (queries) made one; on the
-    diagonal a document's runs that lie one after another in local and global order may be one
-    causal call instead, where the cost model says that is cheaper."""
+    """Kernel calls that compute the visible part of the (``rank``, ``source``) block of placement
+    ``pl`` at its ring step, ``(rank - source) mod P`` (the diagonal leaves out the whole documents
+    computed at a later step, :func:`deferred_blocks`): every pair of runs of one document (module
+    docstring), with two full calls that share their queries (keys) and have adjacent keys
+    (queries) made one; on the diagonal a document's runs that lie one after another in local and
+    global order may be one causal call instead, where the cost model says that is cheaper."""
+    queries = pl.runs[rank]
+    if rank == source and pl.run_steps:
+        queries = [run for run, step in zip(queries, pl.run_steps[rank]) if step == 0]
+    return _pair_calls(queries, pl.runs[source], rank == source, causal, window)
+
+
+def deferred_blocks(pl: Placement, rank: int, step: int, causal: bool, window: int | None = None) -> list[Block]:
+    """The calls ``rank`` makes at ring ``step`` (>= 1) on its *own* K/V: the whole documents
+    :attr:`Placement.run_steps` puts there (each sees only itself)."""
+    if not pl.run_steps or step == 0:
+        return []
+    runs = [run for run, s in zip(pl.runs[rank], pl.run_steps[rank]) if s == step]
+    return _pair_calls(runs, runs, True, causal, window)
+
+
+def visible_blocks(pl: Placement, rank: int, source: int, causal: bool, window: int | None = None) -> list[Block]:
+    """Every call of the (``rank``, ``source``) block, whatever step computes it: what
+    :func:`placement_blocks` makes, plus on the diagonal the deferred whole documents'."""
+    calls = placement_blocks(pl, rank, source, causal, window)
+    if rank == source:
+        for step in range(1, pl.world_size):
+            calls += deferred_blocks(pl, rank, step, causal, window)
+    return calls
+
+
+def _pair_calls(queries, key_runs, diagonal: bool, causal: bool, window: int | None) -> list[Block]:
+    """The calls of query runs ``queries`` against key runs ``key_runs`` (see
+    :func:`placement_blocks`; ``diagonal``: both are one rank's own)."""
     keys: dict[int, list[Run]] = {}
-    for kr in pl.runs[source]:
+    for kr in key_runs:
         keys.setdefault(kr.doc, []).append(kr)
-    whole = _diagonal_calls(pl.runs[rank]) if rank == source and causal and window is None else {}
+    whole = _diagonal_calls(queries) if diagonal and causal and window is None else {}
     merged = set(whole)
     calls: list[Block] = []
-    for qr in pl.runs[rank]:
+    for qr in queries:
         if qr.doc in merged:
             calls.extend(whole.pop(qr.doc, ()))  # the document's one call, at its first run
             continue

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 
-def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor,
+           every_row: bool = False) -> None:
     """Fold one block into the running result, in place.
 
     Args:
@@ -20,8 +21,17 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
             ``-inf`` for rows that have seen no key yet.
         block_out: the block's output ``[b, s, h, d]`` in any float dtype.
         block_lse: the block's log-sum-exp ``[b, h, s]``; ``-inf`` where the block saw no key.
+        every_row: the caller knows every row of the block saw a key (a full or causal call:
+            ``block_lse`` finite), which allows a shorter path of four operations.
     """
     block_lse = block_lse.to(lse.dtype)
+    if every_row:
+        # lse may still be -inf (a row's first block): logaddexp then gives block_lse and the
+        # weight exp(0) = 1, and lerp with weight 1 returns block_out exactly.
+        new = torch.logaddexp(lse, block_lse)
+        out.lerp_(block_out.to(out.dtype), torch.exp(block_lse - new).transpose(1, 2).unsqueeze(-1))
+        lse.copy_(new)
+        return
     new_max = torch.maximum(lse, block_lse)
     # A row with both sides empty has max -inf; shift by 0 there so exp(-inf - 0) = 0, not NaN.
     shift = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)

@@ -8,7 +8,12 @@ for GQA). Running output and log-sum-exp stay in float32 (float64 for float64 in
 Backward re-runs the same rotation; every block's backward kernel is given the final output
 and lse of its rows, so block gradients are exact partial sums. dQ accumulates locally; the
 dK/dV partial sums travel around the ring with their K/V (one step behind, so that transfer
-also overlaps compute) and arrive home after P hops.
+also overlaps compute: a rank runs its kernels first, then adds their key gradients into the
+sums it receives, touching only the keys its calls saw) and arrive home after P hops.
+
+With packed documents, a whole document (on one rank, seeing only itself) may be computed at
+any step on the rank's own K/V (``RingPlan.local_blocks``): the placement puts each where the
+split documents leave the step's slowest rank room.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from .documents import Placement, placement_blocks
+from .documents import Placement, deferred_blocks, placement_blocks
 from .layout import Block, blocks
 from .merge import merge_
 from .transport import Post, Schedule, Wait
@@ -105,32 +110,61 @@ def forward_step(q, k, v, out, lse_t, blks: list[Block], kernels, scale: float, 
     kernel that can compute it). ``watch`` sees every block's result, reported as ring ``step``
     with K/V from rank ``source``."""
     for blk in blks:
+        keys = _rows(k, blk.k, blk)
         o_b, lse_b = kernels.for_block(blk.band).forward(
-            _rows(q, blk.q, blk), _rows(k, blk.k, blk), _rows(v, blk.k, blk), blk.causal, scale,
-            **_features(blk, softcap),
+            _rows(q, blk.q, blk), keys, _rows(v, blk.k, blk), blk.causal, scale, **_features(blk, softcap),
         )
         watch.block("forward", step, source, {"the block output": o_b}, lse=lse_b)
-        merge_(_target(out, blk.q, blk), _target(lse_t, blk.q, blk).transpose(1, 2), o_b, lse_b)
+        # a full or causal call over at least one key: every row sees a key (merge_'s short path)
+        merge_(_target(out, blk.q, blk), _target(lse_t, blk.q, blk).transpose(1, 2), o_b, lse_b,
+               every_row=blk.band is None and keys.shape[1] > 0)
 
 
-def _accumulate(total, part, blk: Block, only: bool, shape, dtype):
-    """``total[rows of blk] += part``; ``total`` is ``None`` before the first call of a step.
-    A step's only call covering every row starts from ``part`` itself (no zero-filled buffer)."""
-    if total is None:
-        if only and blk.count == 1 and part.shape[1] == shape[1]:
-            return part.to(dtype)  # the kernel's fresh output (or its float32 copy): ours to modify
-        total = torch.zeros(shape, dtype=dtype, device=part.device)
-    _target(total, blk.k, blk).add_(part)
-    return total
+def _key_writes(blks: list[Block], c: int) -> tuple[list[bool], list[tuple[int, int]]]:
+    """How a step's calls fill a ``c``-key gradient buffer without zero-filling all of it first:
+    per call, whether none of its keys was touched by an earlier call (it writes its part, no
+    add), and the key ranges to zero before the first call (those no call touches, and the
+    not-yet-touched part of calls that add). Writing ``x`` gives the bits of ``0 + x``."""
+    seen: list[tuple[int, int]] = []
+    writes, zero = [], []
+    for blk in blks:
+        ranges = [k.indices(c)[:2] for _, k in blk.pieces(c)]
+        fresh = not any(a < y and x < b for a, b in ranges for x, y in seen)
+        writes.append(fresh)
+        if not fresh:
+            for a, b in ranges:
+                zero += _minus((a, b), seen)
+        seen += ranges
+    return writes, zero + _minus((0, c), seen)
 
 
-def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernels, scale: float, acc: torch.dtype, *,
-                  softcap: float | None = None, watch: Watch = _UNWATCHED, step: int = 0, source: int = 0):
-    """One ring step's backward: adds this K/V block's share to ``dq`` (contiguous, ``acc``
-    dtype) in place and returns its partial ``(dk, dv)`` (``None`` when nothing is visible).
-    ``out``/``lse`` are the final output and log-sum-exp ``[b, h, c]`` of the local rows."""
-    dk = dv = None
-    only = len(blks) == 1
+def _minus(span: tuple[int, int], cover: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``span`` outside every range of ``cover``."""
+    parts = [span]
+    for x, y in cover:
+        parts = [p for a, b in parts for p in ((a, min(b, x)), (max(a, y), b)) if p[0] < p[1]]
+    return parts
+
+
+def _fresh_buffers(blks: list[Block], k: torch.Tensor, v: torch.Tensor, dtype) -> tuple:
+    """Uninitialised dK/dV buffers with only the ranges :func:`_key_writes` says zeroed, and its
+    per-call write flags."""
+    writes, zero = _key_writes(blks, k.shape[1])
+    dk = torch.empty(k.shape, dtype=dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=dtype, device=v.device)
+    for a, b in zero:
+        dk[:, a:b].zero_()
+        dv[:, a:b].zero_()
+    return dk, dv, writes
+
+
+def backward_parts(dout, q, k, v, out, lse, dq, blks: list[Block], kernels, scale: float, *,
+                   softcap: float | None = None, watch: Watch = _UNWATCHED, step: int = 0,
+                   source: int = 0) -> list[tuple[Block, torch.Tensor, torch.Tensor]]:
+    """The kernel half of :func:`backward_step`: adds the calls' dq into ``dq`` in place and
+    returns each call's ``(block, dk, dv)``, for the caller to add where the key gradients are
+    summed (:func:`add_parts`)."""
+    parts = []
     for blk in blks:
         dq_b, dk_b, dv_b = kernels.for_block(blk.band).backward(
             _rows(dout, blk.q, blk),
@@ -145,9 +179,47 @@ def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernels, scale
         )
         watch.block("backward", step, source, {"the block's dq": dq_b, "dk": dk_b, "dv": dv_b})
         _target(dq, blk.q, blk).add_(dq_b)
-        dk = _accumulate(dk, dk_b, blk, only, k.shape, acc)
-        dv = _accumulate(dv, dv_b, blk, only, v.shape, acc)
+        parts.append((blk, dk_b, dv_b))
+    return parts
+
+
+def add_parts(parts, into: tuple[torch.Tensor, torch.Tensor], writes: list[bool] | None = None) -> None:
+    """Add each call's key gradients (:func:`backward_parts`) into ``into`` (dK, dV) in place;
+    ``writes[i]``: call i's keys are untouched so far, so it writes instead of adding."""
+    for i, (blk, dk_b, dv_b) in enumerate(parts):
+        for total, part in zip(into, (dk_b, dv_b)):
+            target = _target(total, blk.k, blk)
+            target.copy_(part) if writes is not None and writes[i] else target.add_(part)
+
+
+def gather_parts(parts, k: torch.Tensor, v: torch.Tensor, acc: torch.dtype):
+    """The calls' key gradients as fresh ``(dk, dv)`` shaped like k/v in ``acc`` (``None``
+    without calls): a single call covering every key gives the kernel's own gradients; else
+    each call writes its keys' first touch and adds the rest, and only keys no call touches are
+    zero-filled (:func:`_key_writes`)."""
+    if not parts:
+        return None, None
+    blk, dk_b, dv_b = parts[0]
+    if len(parts) == 1 and blk.count == 1 and blk.k.indices(k.shape[1])[:2] == (0, k.shape[1]):
+        return dk_b.to(acc), dv_b.to(acc)  # the kernel's fresh output (or its float32 copy): ours to modify
+    dk, dv, writes = _fresh_buffers([p[0] for p in parts], k, v, acc)
+    add_parts(parts, (dk, dv), writes)
     return dk, dv
+
+
+def backward_step(dout, q, k, v, out, lse, dq, blks: list[Block], kernels, scale: float, acc: torch.dtype, *,
+                  softcap: float | None = None, watch: Watch = _UNWATCHED, step: int = 0, source: int = 0,
+                  into: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """One ring step's backward: adds this K/V block's share to ``dq`` (contiguous, ``acc``
+    dtype) in place and returns its partial ``(dk, dv)`` (``None`` when nothing is visible;
+    :func:`gather_parts`), or adds them into ``into`` (shaped like k/v) and returns that.
+    ``out``/``lse`` are the final output and log-sum-exp ``[b, h, c]`` of the local rows."""
+    parts = backward_parts(dout, q, k, v, out, lse, dq, blks, kernels, scale, softcap=softcap, watch=watch,
+                           step=step, source=source)
+    if into is None:
+        return gather_parts(parts, k, v, acc)
+    add_parts(parts, into)
+    return into
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +252,13 @@ class RingPlan:
         return blocks(self.layout, self.rank, source, self.world_size, c, self.causal,
                       split=kernel_split(self.kernels, self.split), window=self.window)
 
+    def local_blocks(self, step: int) -> list[Block]:
+        """The calls this rank makes at ``step`` on its own K/V besides the step's block (whole
+        packed documents scheduled there: :func:`hf_striped.core.documents.deferred_blocks`)."""
+        if self.placement is None or not self.placement.run_steps or step == 0:
+            return []
+        return _deferred_blocks(self.placement, self.rank, step, self.causal, self.window)
+
     def travel(self, c: int) -> int:
         """How many leading local tokens other ranks attend to: what ring messages carry."""
         return c if self.placement is None else self.placement.travel
@@ -192,6 +271,11 @@ class RingPlan:
 @functools.lru_cache(maxsize=256)  # a rank needs P entries per forward; each row brings new ones
 def _placement_blocks(placement: Placement, rank: int, source: int, causal: bool, window) -> list[Block]:
     return placement_blocks(placement, rank, source, causal, window)
+
+
+@functools.lru_cache(maxsize=256)
+def _deferred_blocks(placement: Placement, rank: int, step: int, causal: bool, window) -> list[Block]:
+    return deferred_blocks(placement, rank, step, causal, window)
 
 
 def _head(kv: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
@@ -217,9 +301,15 @@ def forward_schedule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ri
         watch.step("forward", step)
         forward_step(q, kv[0], kv[1], out, lse_t, plan.blocks(source, c), plan.kernels, plan.scale,
                      softcap=plan.softcap, watch=watch, step=step, source=source)
+        forward_step(q, k, v, out, lse_t, plan.local_blocks(step), plan.kernels, plan.scale,
+                     softcap=plan.softcap, watch=watch, step=step, source=rank)
         if not last:
             kv = yield Wait(ticket)
     return out, lse_t.transpose(1, 2).contiguous()
+
+
+def _zeros_kv(k: torch.Tensor, v: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(k.shape, dtype=dtype, device=k.device), torch.zeros(v.shape, dtype=dtype, device=v.device)
 
 
 def backward_schedule(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -231,26 +321,31 @@ def backward_schedule(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, steps, travel = (k, v), plan.steps(c), plan.travel(c)
-    dkv_ticket = stay = None
+    dkv_ticket = stay = late = None
     for step in range(steps):
         last = step == steps - 1
         if not last:
             kv_ticket = yield Post(_head(kv, travel), "K/V", step)
         source = (rank - step) % world_size
         watch.step("backward", step)
-        dk, dv = backward_step(dout, q, kv[0], kv[1], out, lse, dq, plan.blocks(source, c), plan.kernels, plan.scale,
-                               acc, softcap=plan.softcap, watch=watch, step=step, source=source)
-        if dk is None:  # nothing of this K/V is visible here: forward the partial sums unchanged
-            dk = torch.zeros(kv[0].shape, dtype=acc, device=k.device)
-            dv = torch.zeros(kv[1].shape, dtype=acc, device=v.device)
-        if steps > 1:
-            if step == 0 and travel < c:  # gradients of keys no other rank sees stay here
+        parts = backward_parts(dout, q, kv[0], kv[1], out, lse, dq, plan.blocks(source, c), plan.kernels,
+                               plan.scale, softcap=plan.softcap, watch=watch, step=step, source=source)
+        local = plan.local_blocks(step)
+        if local:  # whole documents scheduled at this step: only their own calls reach their keys
+            late = late or _zeros_kv(k, v, acc)
+            backward_step(dout, q, k, v, out, lse, dq, local, plan.kernels, plan.scale, acc,
+                          softcap=plan.softcap, watch=watch, step=step, source=rank, into=late)
+        if step == 0:
+            dk, dv = gather_parts(parts, k, v, acc)
+            if dk is None:  # nothing of our own K/V is visible here: start the partial sums at zero
+                dk, dv = _zeros_kv(k, v, acc)
+            if steps > 1 and travel < c:  # gradients of keys no other rank sees stay here
                 stay = (dk[:, travel:], dv[:, travel:])
                 dk, dv = dk[:, :travel].contiguous(), dv[:, :travel].contiguous()
-            if dkv_ticket is not None:  # partial sums for this K/V from the ranks it visited before
-                dk_prev, dv_prev = yield Wait(dkv_ticket)
-                dk += dk_prev
-                dv += dv_prev
+        else:  # the partial sums for this K/V from the ranks it visited before: ours go into them
+            dk, dv = yield Wait(dkv_ticket)
+            add_parts(parts, (dk, dv))
+        if steps > 1:
             dkv_ticket = yield Post((dk, dv), "dK/dV partial sums", step)
         if not last:
             kv = yield Wait(kv_ticket)
@@ -258,4 +353,6 @@ def backward_schedule(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         dk, dv = yield Wait(dkv_ticket)  # our own K/V's gradient, home after P hops
         if stay is not None:
             dk, dv = torch.cat([dk, stay[0]], dim=1), torch.cat([dv, stay[1]], dim=1)
+    if late is not None:  # exact: each of these keys has no other term
+        dk, dv = dk + late[0], dv + late[1]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
