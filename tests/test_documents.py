@@ -288,6 +288,37 @@ def test_ring_with_documents_over_gloo(dist_pool, P, layout):
     assert_exact(f"gloo P={P} {layout} documents", per_rank[0], ref, base)
 
 
+SUBSET_AND_LATER = [38, 93, 113, 26, 33, 14, 87]
+"""At P = 4: one document split over two evenly spaced ranks, and whole documents computed at a
+later ring step on their rank's own K/V (the placement these lengths get, checked below)."""
+
+
+def _check_subset_and_later(pl, lengths):
+    ranks = {d: sorted({r for r in range(4) for run in pl.runs[r] if run.doc == d}) for d in range(len(lengths))}
+    pairs = [x for x in ranks.values() if len(x) == 2]
+    assert pairs and all(x[1] - x[0] == 2 for x in pairs), ranks  # ranks a and a + P/2
+    later = [(r, run) for r in range(4) for run, step in zip(pl.runs[r], pl.run_steps[r]) if step]
+    assert later and all(len(ranks[run.doc]) == 1 and run.local >= 0 for _, run in later)  # only whole documents
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_over_some_ranks_and_later_whole_documents_are_exact(dtype):
+    bounds = _bounds(SUBSET_AND_LATER)
+    _check_subset_and_later(placement("striped", 4, bounds[-1], bounds), SUBSET_AND_LATER)
+    case = Case(batch=1, seq=bounds[-1], heads=6, kv_heads=2, head_dim=16, dtype=dtype, seed=5)
+    ours = _ring_documents(case, 4, "striped", bounds)
+    ref, base = _doc_expected(case, bounds)
+    assert_exact(f"P=4 subset split and later whole documents {dtype}", ours, ref, base)
+
+
+def test_split_over_some_ranks_and_later_whole_documents_over_gloo(dist_pool):
+    bounds = _bounds(SUBSET_AND_LATER)
+    case = Case(batch=1, seq=bounds[-1], heads=6, kv_heads=2, head_dim=16, dtype=torch.float32, seed=6)
+    per_rank = dist_pool(4).run(dist_workers.documents_case, case, "striped", bounds)
+    ref, base = _doc_expected(case, bounds)
+    assert_exact("gloo P=4 subset split and later whole documents", per_rank[0], ref, base)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "torch_flash", "torch_efficient", "torch_cudnn", "flash_attn"])
