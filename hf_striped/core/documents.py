@@ -255,13 +255,6 @@ def _contiguous_steps(sizes: list[int]) -> list[list[float]]:
     return out
 
 
-@functools.lru_cache(maxsize=1024)
-def _split_steps(length: int, world_size: int) -> tuple[tuple[float, ...], ...]:
-    """:func:`_head_tail_steps` of a document of ``length`` tokens split evenly over all ranks."""
-    return tuple(map(tuple, _head_tail_steps(_subset_sizes(length, list(range(world_size)), [0] * world_size,
-                                                            world_size))))
-
-
 _PLACEMENT_BUDGET = 6000
 """Documents packed in all (bounds the candidates :func:`document_placement` builds: every one of
 up to 3P + 1 for rows of up to a few hundred documents, at least two for rows of thousands)."""
@@ -327,22 +320,22 @@ def document_placement(world_size: int, n: int, bounds: tuple[int, ...]) -> Plac
     tried = []  # (modelled path, candidate index, split part, packing, placement)
     for i, (split, target) in enumerate((s, budget * x) for s in _split_candidates(lengths, costs, P, c)
                                         for x in _SPLIT_TARGETS):
-        split_part = _split_part(split, lengths, costs, bounds, P, c, target)
+        split_part = _split_part(split, lengths, costs, P, c, target)
         if split_part is None:
             continue
         packed = _pack_whole(lengths, costs, set(split), [c - x for x in split_part[1]], P,
                              [sum(row) for row in split_part[2]])
-        cost, pl = _place_rest(packed, split_part, lengths, bounds, c)
-        tried.append((cost, i, split_part, packed, pl))
+        cost, recipe = _place_rest(packed, split_part, lengths)
+        tried.append((cost, i, split_part, packed, recipe))
     tried.sort(key=lambda t: t[:2])
     best_cost, best = tried[0][0], tried[0][4]
     for _, _, split_part, (whole, load, free, spill), _ in tried[:_REFINED]:
         whole, load, free = [list(x) for x in whole], list(load), list(free)
         _rebalance(whole, load, free, lengths, costs)  # moves within the room: the same spill
-        cost, pl = _place_rest((whole, load, free, spill), split_part, lengths, bounds, c)
+        cost, recipe = _place_rest((whole, load, free, spill), split_part, lengths)
         if cost < best_cost:
-            best_cost, best = cost, pl
-    return best
+            best_cost, best = cost, recipe
+    return _build(best, lengths, bounds, P, c)
 
 
 _REFINED = 3
@@ -353,7 +346,7 @@ is split over as few neighbouring ranks as give each at most that much (:func:`_
 0: over every rank."""
 
 
-def _split_part(split: list[int], lengths, costs, bounds, P: int, c: int, target: float):
+def _split_part(split: list[int], lengths, costs, P: int, c: int, target: float):
     """Documents ``split`` cut head and tail over ``q`` ranks each, ``q`` the smallest divisor of
     P (at least 2) that gives each rank at most ``target`` of modelled work (0: all P ranks), the
     ranks ``a, a + P/q, a + 2P/q, ...``. Fewer ranks mean fewer, larger calls: each rank pays a
@@ -362,10 +355,9 @@ def _split_part(split: list[int], lengths, costs, bounds, P: int, c: int, target
     the same ring steps (multiples of P/q), so the document's work stays aligned from rank to
     rank, step by step, as the ring's steps (each as long as its slowest rank) want; the steps
     between are left to the whole documents (:func:`_schedule_whole`). Largest first, each goes
-    to the coset whose modelled load is least and that has room. Returns (runs, tokens per
-    rank, modelled cost ``[rank][step]``), or ``None`` when a document finds no room (the
-    earlier ones, on few ranks, filled those it needs)."""
-    runs: list[list[Run]] = [[] for _ in range(P)]
+    to the coset whose modelled load is least and that has room. Returns (each document's
+    tokens per rank, tokens per rank, modelled cost ``[rank][step]``), or ``None`` when a
+    document finds no room (the earlier ones, on few ranks, filled those it needs)."""
     used, load = [0] * P, [0.0] * P
     split_path = [[0.0] * P for _ in range(P)]  # [rank][step]
     sizes_of = {}
@@ -374,31 +366,41 @@ def _split_part(split: list[int], lengths, costs, bounds, P: int, c: int, target
         need = -(-int(costs[d]) // max(1, int(target))) if target else P
         best = None
         for q in [q for q in divisors if q >= need][:1] + ([P] if need < P else []):
-            stride = P // q
+            stride, most = P // q, 2 * -(-lengths[d] // (2 * q))  # no rank gets more than `most`
             for a in range(stride):
-                ranks = list(range(a, P, stride))
-                sizes = _subset_sizes(lengths[d], ranks, used, P)
-                if any(used[r] + sizes[r] > c for r in ranks):
+                ranks = range(a, P, stride)
+                if q < P and any(used[r] + most > c for r in ranks):
                     continue
-                table = _split_steps(lengths[d], P) if q == P else _head_tail_steps(sizes)
-                worst = max(load[r] + sum(table[r]) for r in ranks)
+                table = _subset_steps(lengths[d], P, a, q)
+                worst = max(load[r] + table[P][r] for r in ranks)
                 if best is None or worst < best[0]:
-                    best = (worst, sizes, table)
+                    best = (worst, ranks, table)
             if best is not None:
-                break
+                sizes = _subset_sizes(lengths[d], list(best[1]), used, P)
+                if any(used[r] + sizes[r] > c for r in best[1]):  # only at q = P, checked exactly here
+                    best = None
+                else:
+                    break
         if best is None:  # earlier documents split over few ranks filled those it needs
             return None
-        _, sizes, table = best
+        table = best[2]
         sizes_of[d] = sizes
         for r in range(P):
             used[r] += sizes[r]
-            load[r] += sum(table[r])
-            for st, x in enumerate(table[r]):
-                split_path[r][st] += x
-    used = [0] * P
-    for d in sorted(split):  # local order: by document
-        _place_head_tail(d, bounds[d], sizes_of[d], runs, used)
-    return runs, used, split_path
+            load[r] += table[P][r]
+            for st in range(P):
+                split_path[r][st] += table[r][st]
+    return sizes_of, used, split_path
+
+
+@functools.lru_cache(maxsize=4096)
+def _subset_steps(length: int, world_size: int, first: int, q: int) -> tuple[tuple[float, ...], ...]:
+    """:func:`_head_tail_steps` of a document of ``length`` tokens split over the ``q`` ranks
+    ``first, first + P/q, ...`` (uneven tokens priced as if no rank held any yet: a token or two
+    per rank, so one table serves every candidate), with each rank's total as row ``P``."""
+    ranks = list(range(first, world_size, world_size // q))
+    table = _head_tail_steps(_subset_sizes(length, ranks, [0] * world_size, world_size))
+    return (*map(tuple, table), tuple(map(sum, table)))
 
 
 def _subset_sizes(length: int, ranks: list[int], used: list[int], P: int) -> list[int]:
@@ -416,30 +418,51 @@ def _subset_sizes(length: int, ranks: list[int], used: list[int], P: int) -> lis
     return sizes
 
 
-def _place_rest(packed, split_part, lengths, bounds, c: int) -> tuple[float, Placement]:
-    """The placement of one candidate: its split documents (``split_part``: runs, token counts
-    and modelled cost per rank and step), the whole documents (``packed``: per rank, with their
-    load and the room left), and the documents that fit nowhere whole filled into the room left,
+def _place_rest(packed, split_part, lengths) -> tuple[float, tuple]:
+    """The modelled critical path of one candidate, and what :func:`_build` needs to lay it
+    out: its split documents (``split_part``: each one's tokens per rank, token counts and
+    modelled cost per rank and step), the whole documents (``packed``: per rank, with their load
+    and the room left), and the documents that fit nowhere whole filled into the room left,
     contiguously or head and tail, whichever the model prefers; the whole documents' calls are
-    then given ring steps (:func:`_schedule_whole`). Returns (modelled path, placement)."""
-    runs0, used0, split_path = split_part
+    then given ring steps (:func:`_schedule_whole`)."""
+    sizes_of, used0, split_path = split_part
     whole, load, free, spill = packed
-    P = len(runs0)
+    P = len(used0)
     costs = [[_whole_cost(lengths[d]) for d in whole[r]] for r in range(P)]
+    pieces = _spill_sizes(spill, lengths, list(free), P)
     best = None
     for head_tail in (False, True) if spill else (False,):
-        runs, used, room = [list(x) for x in runs0], list(used0), list(free)
-        pieces = _fill_spill(spill, lengths, bounds, runs, used, room, head_tail)
         steps = _head_tail_steps if head_tail else _contiguous_steps
         fixed = [list(row) for row in split_path]
         for table in (steps(x) for x in pieces):
             for r in range(P):
                 for s in range(P):
                     fixed[r][s] += table[r][s]
-        cost, when = _schedule_whole(fixed, costs, ring=max(used) > 0)
+        ring = any(used0) or any(sum(x) for x in pieces)
+        cost, when = _schedule_whole(fixed, costs, ring=ring)
         if best is None or cost < best[0]:
-            best = (cost, runs, used, when)
-    cost, runs, used, when = best
+            best = (cost, (sizes_of, whole, spill, pieces, head_tail, when))
+    return best
+
+
+def _build(recipe, lengths, bounds, P: int, c: int) -> Placement:
+    """The :class:`Placement` :func:`_place_rest` priced: split documents first on every rank (by
+    document), then the spilled ones, then the whole ones with their ring steps."""
+    sizes_of, whole, spill, pieces, head_tail, when = recipe
+    runs: list[list[Run]] = [[] for _ in range(P)]
+    used = [0] * P
+    for d in sorted(sizes_of):
+        _place_head_tail(d, bounds[d], sizes_of[d], runs, used)
+    for d, sizes in zip(spill, pieces):
+        if head_tail:
+            _place_head_tail(d, bounds[d], sizes, runs, used)
+            continue
+        g = bounds[d]
+        for r in range(P):
+            if sizes[r]:
+                runs[r].append(Run(used[r], sizes[r], g, 1, d))
+                used[r] += sizes[r]
+                g += sizes[r]
     travel = max(used)
     run_steps = [[0] * len(runs[r]) for r in range(P)]
     for r in range(P):
@@ -448,7 +471,7 @@ def _place_rest(packed, split_part, lengths, bounds, c: int) -> tuple[float, Pla
             run_steps[r].append(step)
             used[r] += lengths[d]
     later = tuple(map(tuple, run_steps)) if any(map(any, run_steps)) else ()
-    return cost, Placement(P, c, tuple(tuple(x) for x in runs), travel, later)
+    return Placement(P, c, tuple(tuple(x) for x in runs), travel, later)
 
 
 def _schedule_whole(fixed: list[list[float]], costs: list[list[float]], ring: bool):
@@ -551,13 +574,10 @@ def _move(whole, load, free, lengths, costs, d: int, src: int, dst: int) -> None
     free[dst] -= lengths[d]
 
 
-def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int],
-                head_tail: bool) -> list[list[int]]:
-    """Lay the documents that fit on no rank whole into the ranks' remaining room (``free``), in
-    rank order, a document continuing on the next rank with room: as contiguous pieces, or
-    (``head_tail``) cut head and tail over the ranks it covers like a split document. Returns
-    each document's tokens per rank."""
-    P = len(runs)
+def _spill_sizes(spill: list[int], lengths, free: list[int], P: int) -> list[list[int]]:
+    """Each document that fits on no rank whole, laid into the ranks' remaining room (``free``,
+    used up) in rank order, a document continuing on the next rank with room: its tokens per
+    rank (:func:`_build` lays them as contiguous pieces, or head and tail over those ranks)."""
     rank, out = 0, []
     for d in spill:
         left, sizes = lengths[d], [0] * P
@@ -569,15 +589,6 @@ def _fill_spill(spill: list[int], lengths, bounds, runs, used, free: list[int],
             free[rank] -= take
             left -= take
         out.append(sizes)
-        if head_tail:
-            _place_head_tail(d, bounds[d], sizes, runs, used)
-            continue
-        g = bounds[d]
-        for r in range(P):
-            if sizes[r]:
-                runs[r].append(Run(used[r], sizes[r], g, 1, d))
-                used[r] += sizes[r]
-                g += sizes[r]
     return out
 
 
