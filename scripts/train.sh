@@ -5,6 +5,8 @@
 # Ends by printing where the model folder, its model card and the checkpoints are.
 # Extra arguments go to scripts/train.py, e.g.  bash scripts/train.sh --steps 50 --layout zigzag
 # NPROC=4 bash scripts/train.sh --cp-size 2   runs 2 data-parallel replicas x CP 2.
+# bash scripts/train.sh --lora --chat-demo --seq-len 256   trains a LoRA adapter on made-up chats
+# (needs peft: pip install 'hf-striped[trl]'); add --merge-lora for a merged full model too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh

@@ -80,3 +80,23 @@ def single_process_documents(path, documents, attn="sdpa", dtype=torch.float32, 
         token_loss.sum().backward()
         result["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
     return result
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_model(path, attn, rank=4, seed=0):
+    """The model at ``path`` as a PEFT LoRA model on every attention and MLP projection, the same on
+    every process (seeded). Its B matrices are random, not PEFT's zeros, so that the A matrices get
+    gradients too (with B = 0 they would be exactly 0 on any number of processes)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS)
+    model = get_peft_model(load(path, attn), config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_striped
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 CONFIG = ROOT / "scripts" / "accelerate" / "cpu.yaml"
@@ -23,8 +25,11 @@ STEPS = 6
 
 
 def _env(**extra):
+    """One thread per process, and the launched scripts import the hf_striped these tests import
+    (an installed package, or a checkout such as a git worktree put on PYTHONPATH), not whatever
+    the interpreter would find first."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(Path(hf_striped.__file__).resolve().parents[1])
     return env
 
 

@@ -82,3 +82,23 @@ def gather_case(rank, world, model_dir, features, layout):
     with torch.no_grad(), cp.context():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     return dict(logits=cp.gather(logits), token_loss=cp.token_losses(logits, batch["shift_labels"]))
+
+
+def lora_step_case(rank, world, model_dir, features, cp_size):
+    """One packed optimizer step's forward + backward of a LoRA model (``models.lora_model``) under
+    DP x CP, every row of ``features`` a document; returns the loss and (rank 0) the gradients of the
+    trainable (adapter) parameters, by name."""
+    from models import lora_model
+
+    cp = ContextParallel(cp_size)
+    model = lora_model(model_dir, "striped_ring")
+    model.train()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    batch = cp.collator(pad_token_id=0, packing=True)(features[cp.dp_rank::cp.dp_size])
+    n = cp.num_items([batch])
+    loss, out = cp.forward(wrapped, batch, n)
+    loss.backward()
+    result = dict(loss=float(cp.reduce_sum(float(out.loss.detach()))), num_items=int(n))
+    if rank == 0:
+        result["grads"] = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return result

@@ -20,8 +20,9 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TAGS = ["hf-striped", "context-parallel", "striped-attention", "long-context"]
 
 
-def library_versions() -> str:
-    names = ["hf-striped", "torch", "transformers", "accelerate", "datasets"]
+def library_versions(extra: tuple[str, ...] = ()) -> str:
+    """Versions of the libraries a trained folder depends on (plus ``extra`` ones, e.g. peft)."""
+    names = ["hf-striped", "torch", "transformers", "accelerate", "datasets", *extra]
     out = []
     for n in names:
         try:
@@ -50,15 +51,20 @@ def hardware(world_size: int) -> str:
 
 def render_card(info: dict[str, Any], *, base_model: str | None, license: str | None = None) -> ModelCard:
     """A :class:`huggingface_hub.ModelCard` with valid Hub YAML metadata, filled from ``info``
-    (the template's fields: model_name, seq_len, cp_size, layout, dp_size, data, steps, ...)."""
+    (the template's fields: model_name, seq_len, cp_size, layout, dp_size, data, steps, ...).
+
+    ``info["lora"]`` (a dict of rank, alpha, dropout, targets, trainable) makes it the card of a
+    LoRA adapter folder (library ``peft``, tagged ``lora``; ``info["merged_path"]`` names a merged
+    copy); with ``info["merged_from"]`` as well, the card of the full model merged from that adapter."""
     # Hub metadata takes only Hub repo ids here; a local folder is named in the text alone.
     hub_id = base_model if base_model and _REPO_ID.fullmatch(base_model) and not Path(base_model).exists() else None
+    adapter = bool(info.get("lora")) and not info.get("merged_from")
     data = ModelCardData(
         base_model=hub_id,
-        library_name="transformers",
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
         license=license,
-        tags=TAGS,
+        tags=[*TAGS, "lora"] if adapter else TAGS,
         model_name=info.get("model_name"),
     )
     template = resources.files("hf_striped.model_cards").joinpath("template.md").read_text(encoding="utf-8")

@@ -3,7 +3,8 @@
 A checkpoint ``step-<N>/`` holds, in our own format (no pickle):
 
 - ``model.safetensors``: the unwrapped model's weights (``safetensors.torch.save_model``, which
-  stores tied weights once), written by the main process;
+  stores tied weights once), written by the main process; with ``trainable_only`` (LoRA: the base
+  model stays frozen and is loaded again from its folder) only the parameters that train;
 - ``optimizer.pt``: ``optimizer.state_dict()``, read back with ``torch.load(weights_only=True)``
   (tensors, numbers, strings and containers only: a file that would run code is refused);
 - ``scheduler.json``: the LR scheduler's ``state_dict()`` as JSON;
@@ -75,11 +76,20 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _write_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
+def _write_weights(weights: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file, save_model
 
-    save_model(model, str(path))
+    if isinstance(weights, torch.nn.Module):
+        save_model(weights, str(path))
+    else:
+        save_file({name: t.detach().contiguous() for name, t in weights.items()}, str(path))
     _fsync(path)
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of ``model`` that train (``requires_grad``), by name: all a checkpoint of a
+    run with a frozen base model (LoRA) needs, since the base is loaded again from its folder."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _write_optimizer(state: dict, path: Path) -> None:
@@ -108,14 +118,15 @@ class CheckpointIO:
     operation too (call the default) unless it means to fail.
 
     Fields:
-        write_weights: ``(model, path)``: the unwrapped model's weights as safetensors, fsynced.
+        write_weights: ``(weights, path)``: the unwrapped model (or, with ``trainable_only``, a dict of its
+            trainable parameters by name) as safetensors, fsynced.
         write_json: ``(path, data)``: a JSON file, fsynced (RNG states, scheduler, trainer state).
         write_optimizer: ``(state_dict, path)``: the optimizer state with ``torch.save``, fsynced.
         rename: ``(src, dst)``: an atomic rename (``os.replace``) of a file or folder.
         remove_tree: ``(path)``: delete a folder and everything in it; a missing one is no error.
     """
 
-    write_weights: Callable[[torch.nn.Module, Path], None] = _write_weights
+    write_weights: Callable[[torch.nn.Module | dict[str, torch.Tensor], Path], None] = _write_weights
     write_json: Callable[[Path, Any], None] = _write_json
     write_optimizer: Callable[[dict, Path], None] = _write_optimizer
     rename: Callable[[Path, Path], None] = _rename
@@ -162,7 +173,7 @@ def _to_tuple(x):
 
 def save_checkpoint(
     accelerator, root: str | Path, step: int, state: dict, *, model, optimizer, scheduler=None, keep: int | None = None,
-    io: CheckpointIO | None = None,
+    io: CheckpointIO | None = None, trainable_only: bool = False,
 ) -> Path:
     """Write checkpoint ``step-<step>`` under ``root`` on every rank (collective); return its path.
 
@@ -170,7 +181,8 @@ def save_checkpoint(
     with a JSON-serialisable ``state_dict()`` (``torch.optim.lr_scheduler.LambdaLR`` with plain
     functions or ``functools.partial``). ``state`` must be JSON-serialisable. ``keep``: delete older
     complete checkpoints beyond the newest ``keep``. ``io``: the file operations to use (default:
-    the real ones, see ``CheckpointIO``).
+    the real ones, see ``CheckpointIO``). ``trainable_only``: write only the parameters that train
+    (:func:`trainable_weights`; load with the same flag).
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 (or None to keep every checkpoint), got {keep}")
@@ -188,7 +200,8 @@ def save_checkpoint(
     def write_files():
         io.write_json(tmp / _rng_file(accelerator.process_index), _rng_state())  # every rank its own
         if main:
-            io.write_weights(accelerator.unwrap_model(model), tmp / MODEL_FILE)
+            unwrapped = accelerator.unwrap_model(model)
+            io.write_weights(trainable_weights(unwrapped) if trainable_only else unwrapped, tmp / MODEL_FILE)
             io.write_optimizer(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             if scheduler is not None:
                 io.write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
@@ -286,15 +299,45 @@ def remove_incomplete(root: str | Path, io: CheckpointIO | None = None) -> list[
     return removed
 
 
-def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler=None) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG states from ``path`` (on every rank);
-    return its trainer state. Nothing is unpickled: a tampered ``optimizer.pt`` raises
-    ``pickle.UnpicklingError`` instead of running code."""
-    from safetensors.torch import load_model
-
+def read_state(path: str | Path) -> dict:
+    """The trainer state of checkpoint ``path`` (step, data position, arguments), without loading
+    anything else: what a resume checks before it restores the weights."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete hf_striped checkpoint (no {STATE_FILE})")
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _load_trainable(model: torch.nn.Module, file: Path, device: str) -> None:
+    """Copy a ``trainable_only`` checkpoint's tensors into ``model``'s trainable parameters; refuse
+    a file whose names or shapes are not exactly those parameters (another adapter, or a full model)."""
+    from safetensors.torch import load_file
+
+    saved, params = load_file(str(file), device=device), trainable_weights(model)
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    wrong = sorted(k for k in set(params) & set(saved) if saved[k].shape != params[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{file} does not hold exactly the weights this run trains (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, other shapes {wrong[:3]}): it was written with other --lora options (or "
+            "without --lora). Resume with the options it was written with, --resume never, or a new "
+            "--output-dir"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, scheduler=None,
+                    trainable_only: bool = False) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG states from ``path`` (on every rank);
+    return its trainer state. Nothing is unpickled: a tampered ``optimizer.pt`` raises
+    ``pickle.UnpicklingError`` instead of running code. ``trainable_only``: the checkpoint holds only
+    the trainable parameters (see :func:`save_checkpoint`); the others keep their values."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    state = read_state(path)
     missing = [f for f in (MODEL_FILE, OPTIMIZER_FILE) if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -302,7 +345,10 @@ def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, schedule
             "Accelerate save_state folders); resume with --resume never or a new --output-dir"
         )
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # neither reader takes "cpu:0"
-    load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True, device=device)
+    if trainable_only:
+        _load_trainable(accelerator.unwrap_model(model), path / MODEL_FILE, device)
+    else:
+        load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True, device=device)
     # onto the CPU first: load_state_dict moves each state to its parameter's device (a
     # scalar `step` then stays on the CPU, as Adam wants it)
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
@@ -313,4 +359,4 @@ def load_checkpoint(accelerator, path: str | Path, *, model, optimizer, schedule
         _set_rng_state(json.loads(rng.read_text()))
     else:  # more processes than when saved: this rank keeps its seeded RNG
         warnings.warn(f"{path} has no {rng.name}: process {accelerator.process_index} keeps its current RNG state", stacklevel=2)
-    return json.loads((path / STATE_FILE).read_text())
+    return state

@@ -27,7 +27,11 @@ from .checkpoint import checkpoint_step, complete_checkpoints, latest_checkpoint
 
 # Arguments that fix what a checkpoint's data position (batches seen) means; "dp_size" is the
 # number of data-parallel replicas (processes / CP size), not a command-line argument.
-DATA_ARGS = ("seq_len", "no_pack", "concat", "batch_size", "grad_accum", "data", "seed", "model", "dp_size")
+DATA_ARGS = ("seq_len", "no_pack", "concat", "batch_size", "grad_accum", "data", "chat_demo", "seed", "model",
+             "dp_size")
+# Arguments that fix which parameters train (a LoRA adapter's shape and scaling): a checkpoint of
+# an adapter holds only its weights, which mean nothing to another adapter or to a full model.
+MODEL_ARGS = ("lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 # Arguments of the optimizer and LR schedule: a resume may change them (the restored optimizer and
 # scheduler keep their state, so a new value changes the schedule from the checkpoint on).
 SCHEDULE_ARGS = ("lr", "warmup_steps", "steps", "weight_decay")
@@ -76,7 +80,8 @@ def check_resume_compatible(
     lacks is not compared, and a missing ``"dp_size"`` counts as unchanged). ``args``: this run's
     arguments by name (``vars(namespace)``); ``dp_size``: this run's data-parallel replicas.
 
-    Raises ``ResumeError`` naming every changed argument of ``DATA_ARGS`` and its saved value.
+    Raises ``ResumeError`` naming every changed argument of ``DATA_ARGS`` or ``MODEL_ARGS`` and its
+    saved value.
     Returns one message per changed argument of ``SCHEDULE_ARGS`` (allowed, but the caller
     should say that the schedule changes from here on).
     """
@@ -89,6 +94,14 @@ def check_resume_compatible(
             f"{checkpoint} was written with different {', '.join(_flag(k) for k in changed)} "
             f"({', '.join(f'{saved[k]!r}' for k in changed)}); its data position would not mean the same thing "
             "(dp_size = processes / --cp-size). Use the same arguments, --resume never, or a new --output-dir."
+        )
+    changed = [k for k in MODEL_ARGS if k in saved and saved[k] != now.get(k)]
+    if changed:
+        raise ResumeError(
+            f"{checkpoint} was written with different {', '.join(_flag(k) for k in changed)} "
+            f"({', '.join(f'{saved[k]!r}' for k in changed)}); its weights belong to another set of trained "
+            "parameters (another LoRA adapter, or the full model). Use the same arguments, --resume never, "
+            "or a new --output-dir."
         )
     return [
         f"{_flag(k)} was {saved[k]!r} when {checkpoint.name} was saved; the restored optimizer and scheduler "
