@@ -88,21 +88,17 @@ def check_resume_compatible(
     checkpoint = Path(checkpoint)
     saved = {**saved_state.get("args", {}), "dp_size": saved_state.get("dp_size", dp_size)}
     now = {**args, "dp_size": dp_size}
-    changed = [k for k in DATA_ARGS if k in saved and saved[k] != now.get(k)]
-    if changed:
-        raise ResumeError(
-            f"{checkpoint} was written with different {', '.join(_flag(k) for k in changed)} "
-            f"({', '.join(f'{saved[k]!r}' for k in changed)}); its data position would not mean the same thing "
-            "(dp_size = processes / --cp-size). Use the same arguments, --resume never, or a new --output-dir."
-        )
-    changed = [k for k in MODEL_ARGS if k in saved and saved[k] != now.get(k)]
-    if changed:
-        raise ResumeError(
-            f"{checkpoint} was written with different {', '.join(_flag(k) for k in changed)} "
-            f"({', '.join(f'{saved[k]!r}' for k in changed)}); its weights belong to another set of trained "
-            "parameters (another LoRA adapter, or the full model). Use the same arguments, --resume never, "
-            "or a new --output-dir."
-        )
+    for names, why in ((DATA_ARGS, "its data position would not mean the same thing (dp_size = processes / "
+                                    "--cp-size)"),
+                       (MODEL_ARGS, "its weights belong to another set of trained parameters (another LoRA "
+                                    "adapter, or the full model)")):
+        changed = [k for k in names if k in saved and saved[k] != now.get(k)]
+        if changed:
+            raise ResumeError(
+                f"{checkpoint} was written with different {', '.join(_flag(k) for k in changed)} "
+                f"({', '.join(f'{saved[k]!r}' for k in changed)}); {why}. Use the same arguments, --resume "
+                "never, or a new --output-dir."
+            )
     return [
         f"{_flag(k)} was {saved[k]!r} when {checkpoint.name} was saved; the restored optimizer and scheduler "
         "keep their state, so the new value changes the schedule from here on"
