@@ -23,6 +23,8 @@ from typing import Any
 
 import datasets
 
+from ..training.data import IGNORE_INDEX
+
 _BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -143,7 +145,6 @@ def pack(ds: datasets.Dataset, tokenizer, seq_len: int, text_column: str = "text
 # -- chat data ------------------------------------------------------------------------------------
 
 CHAT_COLUMN = "messages"
-IGNORE_INDEX = -100
 
 
 class ChatFormatError(ValueError):
